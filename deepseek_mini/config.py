@@ -1,0 +1,410 @@
+"""Model configuration: one dataclass, named presets, validation in one place.
+
+Every architectural choice of DeepSeek-V3 is a *field* here, never inferred from a
+size (the official inference code decides some features by ``dim == 7168``; we do not).
+Field names follow Hugging Face ``DeepseekV3Config`` so an HF ``config.json`` loads
+as-is; the official repository's ``inference/configs/config_671B.json`` (``dim``,
+``n_layers``, ``route_scale`` ...) loads through an explicit name map.
+
+Switches:
+
+* ``kv_lora_rank is None``  -> baseline multi-head attention (chapter 01, GQA when
+  ``num_key_value_heads < num_attention_heads``); set -> Multi-head Latent Attention
+  (chapter 02, DeepSeek-V3 §2.1.1).
+* ``n_routed_experts is None`` -> dense SwiGLU FFN in every layer; set -> DeepSeekMoE
+  from layer ``first_k_dense_replace`` on (chapter 03, §2.1.2).
+* ``num_nextn_predict_layers`` -> Multi-Token Prediction depth D (chapter 04, §2.2).
+* ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
+
+Presets: ``"toy"`` trains on a laptop CPU in minutes, ``"mini"`` fits one GPU in
+bf16, ``"deepseek-v3"`` is the 671B model with every value from the official config
+(arXiv 2412.19437 §4.2; ``config_671B.json``; HF ``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ModelConfig", "PRESETS", "load_config", "preset_names"]
+
+AttnImpl = Literal["naive", "absorb"]
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a DeepSeek-style decoder, with HF ``DeepseekV3Config`` names.
+
+    Paper symbols: ``hidden_size`` = d, ``num_attention_heads`` = n_h,
+    ``kv_lora_rank`` = d_c, ``q_lora_rank`` = d'_c, ``qk_rope_head_dim`` = d_h^R,
+    ``qk_nope_head_dim`` = ``v_head_dim`` = d_h, ``n_routed_experts`` = N_r,
+    ``n_shared_experts`` = N_s, ``num_experts_per_tok`` = K_r,
+    ``num_nextn_predict_layers`` = D (DeepSeek-V3 §2).
+    """
+
+    # --- trunk ---
+    vocab_size: int = 260
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    intermediate_size: int = 384  # dense SwiGLU FFN width
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 512
+
+    # --- attention (baseline MHA/GQA uses heads + kv heads; MLA uses the lora ranks) ---
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # None = num_attention_heads (plain MHA)
+    attention_bias: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attn_impl: AttnImpl = "absorb"
+
+    # --- RoPE / YaRN ---
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
+
+    # --- DeepSeekMoE ---
+    n_routed_experts: int | None = None
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+
+    # --- Multi-Token Prediction ---
+    num_nextn_predict_layers: int = 0
+
+    # --- special tokens ---
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def uses_mla(self) -> bool:
+        """Multi-head Latent Attention instead of MHA (set by ``kv_lora_rank``)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def uses_moe(self) -> bool:
+        """DeepSeekMoE layers from ``first_k_dense_replace`` on (set by ``n_routed_experts``)."""
+        return self.n_routed_experts is not None
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of the baseline attention: d / n_h."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """MLA query/key width per head: d_h + d_h^R (192 in DeepSeek-V3)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Layer ``layer_id`` (0-based) uses MoE: the first ``first_k_dense_replace`` stay dense."""
+        return self.uses_moe and layer_id >= self.first_k_dense_replace
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what would be valid."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _require_positive_int(self, name)
+        for name in ("rms_norm_eps", "initializer_range", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive number")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act ({self.hidden_act!r}) must be 'silu': DeepSeek-V3 uses SwiGLU")
+        if self.attn_impl not in ("naive", "absorb"):
+            raise ValueError(f"attn_impl ({self.attn_impl!r}) must be 'naive' or 'absorb'")
+        for name in ("tie_word_embeddings", "attention_bias", "rope_interleave", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be true or false")
+        self._validate_attention()
+        self._validate_moe()
+        self._validate_rope_scaling()
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers ({self.num_nextn_predict_layers!r}) "
+                             "must be an integer >= 0 (DeepSeek-V3 uses 1)")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} ({value!r}) must be None or an id in [0, vocab_size={self.vocab_size})")
+
+    def _validate_attention(self) -> None:
+        h, kv = self.num_attention_heads, self.num_key_value_heads
+        if kv > h or h % kv != 0:
+            divisors = [d for d in range(1, h + 1) if h % d == 0]
+            raise ValueError(f"num_key_value_heads ({kv}) must divide num_attention_heads ({h}); "
+                             f"valid values: {divisors}")
+        if not self.uses_mla:
+            if self.hidden_size % h != 0:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                                 f"num_attention_heads ({h}) for baseline attention")
+            if self.head_dim % 2 != 0:
+                raise ValueError(f"head_dim = hidden_size / num_attention_heads ({self.head_dim}) "
+                                 "must be even: RoPE rotates pairs of channels")
+            return
+        _require_positive_int(self, "kv_lora_rank")
+        if self.kv_lora_rank >= self.hidden_size:
+            raise ValueError(f"kv_lora_rank ({self.kv_lora_rank}) must be < hidden_size "
+                             f"({self.hidden_size}): the latent c_kv compresses the hidden state")
+        if self.q_lora_rank is not None:
+            _require_positive_int(self, "q_lora_rank")
+            if self.q_lora_rank >= self.hidden_size:
+                raise ValueError(f"q_lora_rank ({self.q_lora_rank}) must be < hidden_size "
+                                 f"({self.hidden_size}), or None for a direct query projection")
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require_positive_int(self, name)
+        if self.qk_rope_head_dim % 2 != 0:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: "
+                             "RoPE rotates pairs of channels")
+        if kv != h:
+            raise ValueError(f"num_key_value_heads ({kv}) must equal num_attention_heads ({h}) "
+                             "with MLA: every head gets its own key and value from c_kv")
+
+    def _validate_moe(self) -> None:
+        if not self.uses_moe:
+            return
+        for name in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                     "moe_intermediate_size"):
+            _require_positive_int(self, name)
+        n, k = self.n_routed_experts, self.num_experts_per_tok
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts ({self.n_shared_experts!r}) must be an integer >= 0")
+        if n % self.n_group != 0:
+            valid = [g for g in range(1, n + 1) if n % g == 0]
+            raise ValueError(f"n_routed_experts ({n}) must be divisible by n_group "
+                             f"({self.n_group}); valid n_group values: {valid}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        kept = self.topk_group * (n // self.n_group)
+        if k > kept:
+            raise ValueError(f"num_experts_per_tok ({k}) must be <= the experts in the kept groups: "
+                             f"topk_group * n_routed_experts / n_group = {kept}")
+        if not (isinstance(self.first_k_dense_replace, int)
+                and 0 <= self.first_k_dense_replace <= self.num_hidden_layers):
+            raise ValueError(f"first_k_dense_replace ({self.first_k_dense_replace!r}) must be in "
+                             f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func ({self.scoring_func!r}) must be 'sigmoid' "
+                             "(DeepSeek-V3, eq. 15) or 'softmax' (DeepSeek-V2)")
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise ValueError(f"rope_scaling ({rs!r}) must be None or a dict like "
+                             "{'type': 'yarn', 'factor': 40, 'original_max_position_embeddings': 4096}")
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind != "yarn":
+            raise ValueError(f"rope_scaling type ({kind!r}) must be 'yarn' (DeepSeek-V3 §4.3)")
+        factor = rs.get("factor")
+        if not isinstance(factor, (int, float)) or not factor >= 1:
+            raise ValueError(f"rope_scaling['factor'] ({factor!r}) must be a number >= 1 (DeepSeek-V3: 40)")
+        orig = rs.get("original_max_position_embeddings")
+        if not isinstance(orig, int) or orig <= 0:
+            raise ValueError(f"rope_scaling['original_max_position_embeddings'] ({orig!r}) "
+                             "must be a positive integer (DeepSeek-V3: 4096)")
+        beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+        if not beta_fast > beta_slow > 0:
+            raise ValueError(f"rope_scaling needs beta_fast ({beta_fast}) > beta_slow ({beta_slow}) > 0")
+
+    # ------------------------------------------------------------------ JSON I/O
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to JSON (HF field names); write to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from HF names; an official ``config_671B.json`` (``dim``, ``n_layers``...) is mapped.
+
+        Unknown keys raise ``ValueError`` with a suggestion, so a typo never passes silently.
+        Keys HF configs carry that do not change the architecture are ignored.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if "dim" in data and "n_layers" in data:
+            data = _from_official(data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_HF_KEYS)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"{source}: unknown config field(s) {', '.join(hints)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist (or is not a file); "
+                             f"presets: {', '.join(preset_names())}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=f"config file {str(path)!r}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        known = {f.name for f in fields(self)}
+        for key in changes:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown config field {key!r}{hint}")
+        return dataclasses.replace(self, **changes)
+
+
+def _require_positive_int(cfg: ModelConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} ({value!r}) must be a positive integer")
+
+
+# Keys found in HF DeepSeek-V3 config.json files that do not change the architecture
+# we build (bookkeeping, or settings of later chapters kept in the checkpoint loader).
+_IGNORED_HF_KEYS = frozenset({
+    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "use_cache", "pretraining_tp", "quantization_config", "aux_loss_alpha", "seq_aux",
+    "ep_size", "moe_layer_freq", "attention_dropout", "head_dim", "_name_or_path",
+})
+
+# Official inference/configs/*.json (ModelArgs) -> HF DeepseekV3Config names.
+_OFFICIAL_TO_HF = {
+    "vocab_size": "vocab_size", "dim": "hidden_size", "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace", "n_heads": "num_attention_heads",
+    "n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok", "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group", "route_scale": "routed_scaling_factor",
+    "score_func": "scoring_func", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim", "rope_theta": "rope_theta",
+}
+# ModelArgs defaults of the official inference code, used when a file omits them.
+_OFFICIAL_ROPE_DEFAULTS = {"original_seq_len": 4096, "rope_factor": 40, "beta_fast": 32,
+                           "beta_slow": 1, "mscale": 1.0}
+_OFFICIAL_IGNORED = {"dtype", "max_batch_size", "max_seq_len", "scale_fmt"} | set(_OFFICIAL_ROPE_DEFAULTS)
+
+
+def _from_official(data: dict[str, Any]) -> dict[str, Any]:
+    """Map the official ``ModelArgs`` JSON to HF field names (DeepSeek-V3 inference/model.py)."""
+    unknown = sorted(k for k in data if k not in _OFFICIAL_TO_HF and k not in _OFFICIAL_IGNORED)
+    if unknown:
+        raise ValueError(f"unknown field(s) in official-format config: {unknown}")
+    out = {_OFFICIAL_TO_HF[k]: v for k, v in data.items() if k in _OFFICIAL_TO_HF}
+    rope = {k: data.get(k, v) for k, v in _OFFICIAL_ROPE_DEFAULTS.items()}
+    # q_lora_rank 0 means "no query compression" in the official code.
+    if out.get("q_lora_rank") == 0:
+        out["q_lora_rank"] = None
+    if rope["rope_factor"] > 1:
+        out["rope_scaling"] = {
+            "type": "yarn", "factor": rope["rope_factor"],
+            "original_max_position_embeddings": rope["original_seq_len"],
+            "beta_fast": rope["beta_fast"], "beta_slow": rope["beta_slow"],
+            "mscale": rope["mscale"], "mscale_all_dim": rope["mscale"],
+        }
+        out["max_position_embeddings"] = int(rope["rope_factor"] * rope["original_seq_len"])
+    out.setdefault("num_nextn_predict_layers", 1 if out.get("hidden_size") == 7168 else 0)
+    out.setdefault("initializer_range", 0.006)
+    return out
+
+
+def _toy() -> ModelConfig:
+    """Chapter 01's baseline: 4 layers, d=128, byte vocabulary; ~0.9M parameters, CPU-trainable."""
+    return ModelConfig(
+        vocab_size=260, hidden_size=128, num_hidden_layers=4, intermediate_size=384,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        initializer_range=0.02, bos_token_id=257, eos_token_id=258, pad_token_id=256,
+    )
+
+
+def _mini() -> ModelConfig:
+    """A ~0.2B baseline for one GPU in bf16: 16 layers, d=1024, GQA 16/4 heads."""
+    return ModelConfig(
+        vocab_size=260, hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
+        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+        initializer_range=0.02, bos_token_id=257, eos_token_id=258, pad_token_id=256,
+    )
+
+
+def _deepseek_v3() -> ModelConfig:
+    """DeepSeek-V3 671B, every value from config_671B.json / HF config.json (REFERENCE.md)."""
+    return ModelConfig(
+        vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+        rms_norm_eps=1e-6, initializer_range=0.006,  # §4.2: "standard deviation 0.006"
+        max_position_embeddings=163840,  # 40 x 4096 after YaRN (§4.3)
+        num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        moe_intermediate_size=2048, first_k_dense_replace=3,
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
+    )
+
+
+PRESETS = {"toy": _toy, "mini": _mini, "deepseek-v3": _deepseek_v3}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def load_config(name_or_path: str | Path | ModelConfig, **overrides: Any) -> ModelConfig:
+    """A preset by name, or a ``config.json`` (HF or official format) by path.
+
+    ``overrides`` replace fields afterwards, e.g. ``load_config("toy", num_hidden_layers=2)``.
+    """
+    if isinstance(name_or_path, ModelConfig):
+        config = name_or_path
+    elif isinstance(name_or_path, str) and name_or_path in PRESETS:
+        config = PRESETS[name_or_path]()
+    elif isinstance(name_or_path, Path) or str(name_or_path).endswith(".json") or "/" in str(name_or_path):
+        config = ModelConfig.from_json(name_or_path)
+    else:
+        close = difflib.get_close_matches(str(name_or_path), preset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown preset {name_or_path!r}{hint}; known presets: "
+                         f"{', '.join(preset_names())}; or pass a path to a config.json")
+    return config.replace(**overrides) if overrides else config
+
