@@ -1,0 +1,141 @@
+"""The training loop: it learns, it resumes bit-identically, and its CLI works end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deepseek_mini import load_config
+from deepseek_mini.data import make_datasets, unigram_entropy
+from deepseek_mini.train import (TrainConfig, evaluate_by_domain, load_checkpoint, lr_schedule, main,
+                                 select_device, train)
+
+TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_datasets("synthetic", n_docs=200, seed=0)
+
+
+def tiny_run(**overrides) -> TrainConfig:
+    base = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, eval_every=6,
+                eval_batches=2, seed=0, device="cpu", progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_schedule(0, cfg) == pytest.approx(0.1)          # (0 + 1) / 10
+    assert lr_schedule(9, cfg) == pytest.approx(1.0)
+    assert lr_schedule(10, cfg) == pytest.approx(1.0)         # cosine starts at the peak
+    assert lr_schedule(55, cfg) == pytest.approx(0.55)        # halfway: 0.1 + 0.9 * 0.5
+    assert lr_schedule(100, cfg) == pytest.approx(0.1)
+    values = [lr_schedule(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_training_lowers_the_loss_below_the_unigram_baseline(data):
+    config = load_config("toy", **TINY)
+    result = train(config, tiny_run(steps=150, eval_every=50, batch_size=8, seq_len=48), data=data)
+    losses = result.history["train_loss"]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
+    assert result.history["val_loss"][-1] < unigram_entropy(data[0]) - 0.3
+    assert result.history["eval_step"] == [50, 100, 150]
+
+
+def test_resume_gives_bit_identical_next_steps(data, tmp_path):
+    config = load_config("toy", **TINY)
+    straight = train(config, tiny_run(steps=12), data=data)
+    train(config, tiny_run(steps=6, out_dir=str(tmp_path / "run")), data=data)
+    resumed = train(config, tiny_run(steps=12, out_dir=str(tmp_path / "run")), data=data, resume=tmp_path / "run")
+    assert resumed.history["train_loss"] == straight.history["train_loss"]
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+
+def test_metrics_jsonl_and_checkpoint(data, tmp_path):
+    config = load_config("toy", **TINY)
+    train(config, tiny_run(steps=6, eval_every=3, out_dir=str(tmp_path)), data=data)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert ["val_loss" in r for r in records] == [False, False, True, False, False, True]
+    assert all(math.isfinite(r["train_loss"]) and r["lr"] > 0 for r in records)
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == 6 and state["model_config"]["hidden_size"] == 32
+
+
+def test_same_seed_same_run_and_different_seed_differs(data):
+    config = load_config("toy", **TINY)
+    a = train(config, tiny_run(steps=4), data=data).history["train_loss"]
+    b = train(config, tiny_run(steps=4), data=data).history["train_loss"]
+    c = train(config, tiny_run(steps=4, seed=1), data=data).history["train_loss"]
+    assert a == b and a != c
+
+
+def test_evaluate_by_domain_covers_every_domain(data):
+    config = load_config("toy", **TINY)
+    result = train(config, tiny_run(steps=2), data=data)
+    losses = evaluate_by_domain(result.model, data[1], batch_size=4, seq_len=32, max_batches=4)
+    assert set(losses) <= set(data[1].domain_names) and len(losses) >= 2
+    assert all(0 < v < 10 for v in losses.values())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps"), ("batch_size", -1, "batch_size"), ("lr", 0.0, "lr"),
+    ("min_lr_ratio", 2.0, "min_lr_ratio"), ("beta2", 1.0, "beta2"), ("grad_clip", 0.0, "grad_clip"),
+    ("device", "tpu", "device"), ("warmup_steps", -1, "warmup_steps"),
+])
+def test_bad_train_config_raises(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_seq_len_longer_than_the_model_raises(data):
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        train(load_config("toy", **TINY), tiny_run(seq_len=128), data=data)
+
+
+def test_resume_from_missing_checkpoint_raises(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        train("toy", tiny_run(), resume=tmp_path / "nothing")
+
+
+def test_select_device_auto_on_cpu_machine():
+    device = select_device("auto")
+    if not torch.cuda.is_available():
+        assert device.type in ("cpu", "mps")
+    assert select_device("cpu").type == "cpu"
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    config_path = tmp_path / "tiny.json"
+    load_config("toy", **TINY).to_json(config_path)
+    out = tmp_path / "run"
+    code = main(["--config", str(config_path), "--steps", "8", "--batch-size", "4", "--seq-len", "32",
+                 "--eval-every", "4", "--n-docs", "100", "--out", str(out), "--no-progress", "--samples", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "validation loss" in printed and "unigram entropy" in printed
+    assert printed.count("'") >= 4                       # two quoted samples
+    for name in ("loss.png", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file() and str(out / name) in printed
+
+
+def test_cli_bad_preset_is_a_clear_error(capsys):
+    assert main(["--config", "toyy", "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'toyy'" in err and "did you mean 'toy'" in err
+
+
+def test_cli_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for expected in ("--config", "--steps", "--resume", "--data", "examples:", "toy, mini, deepseek-v3"):
+        assert expected in text
