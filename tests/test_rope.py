@@ -162,7 +162,9 @@ def test_apply_rope_rejects_sin_of_another_shape_than_cos(sin_shape):
 def test_gradcheck_float64():
     torch.manual_seed(5)
     x = torch.randn(2, 3, 2, 6, dtype=torch.float64, requires_grad=True)
-    cos, sin = tables(6, 3, dtype=torch.float64)
+    freqs = torch.tensor([10000.0 ** (-2 * i / 6) for i in range(3)], dtype=torch.float64)
+    angles = torch.arange(3, dtype=torch.float64)[:, None] * freqs     # exact float64 tables
+    cos, sin = angles.cos(), angles.sin()
     # In float64 the rotation must be computed in float64 (no silent float32 round trip).
     torch.testing.assert_close(apply_rope(x, cos, sin), rope_complex(x.detach(), torch.arange(3)),
                                rtol=1e-12, atol=1e-12)
