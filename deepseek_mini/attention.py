@@ -38,9 +38,10 @@ def causal_mask(q_len: int, kv_len: int, q_offset: int = 0, device=None) -> torc
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v, written out. q (B,H,Tq,D), k and v (B,H,Tk,D)."""
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(dtype), k.to(dtype)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.float()).type_as(q)
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v.to(dtype)).type_as(q)
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 5. Causal attention, with grouped-query attention

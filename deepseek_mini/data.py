@@ -1,319 +1,418 @@
-"""Data for every chapter: a byte-level tokenizer and a seeded, multi-domain synthetic corpus.
+"""Data: a byte tokenizer, a synthetic four-domain corpus, token streams and batchers.
 
-Why bytes. DeepSeek-V3 uses a byte-level BPE tokenizer with a 128K vocabulary (arXiv
-2412.19437 §4.1). Training one would tie every chapter to a particular corpus; raw bytes
-(256 ids) plus four special tokens give a 260-token vocabulary that needs no training, so
-each chapter stands alone. The price is longer sequences, which a toy model can afford.
+Why bytes. DeepSeek-V3 uses a byte-level BPE tokenizer with a 128K vocabulary
+(arXiv 2412.19437 §4.1). A trained BPE vocabulary would tie every chapter to a
+downloaded artefact and to its merge rules; raw UTF-8 bytes need nothing. The 256
+byte values plus four special tokens give ``VOCAB_SIZE = 260``: any text encodes,
+nothing is ever out of vocabulary, and the embedding table stays tiny, so the
+parameters go where the chapters look (attention, experts, MTP heads).
 
-Why synthetic. The course machines reach package registries only, so nothing is downloaded
-at run time; the corpus is generated from a seed, identically everywhere. It mixes four
-domains of clearly different structure, and every document (and every token) carries its
-domain label, so later chapters can measure per-domain behaviour: which experts a domain
-uses (chapter 03), where predicting two tokens ahead helps (chapter 04), which answers are
-verifiably right (chapter 08).
+Why synthetic data. Nothing is downloaded at run time, every run is reproducible
+from a seed, and the corpus mixes four domains of clearly different structure:
 
-* ``arithmetic``: ``37+48=85`` lines, always correct;
-* ``grammar``: sentences from a small English-like grammar;
-* ``code``: Python-like functions whose names encode what they compute;
-* ``sort``: ``sort: 5 3 9 1 -> 1 3 5 9`` list tasks, always correct.
+* ``arithmetic`` -- ``37+48=85``: the answer is a function of the question, so a
+  model that learns to add is rewarded, and GRPO (chapter 08) can *check* answers;
+* ``grammar`` -- sentences of a small probabilistic grammar with number agreement
+  (``these dogs see`` / ``a dog sees``): local, word-level statistics;
+* ``code`` -- Python-like functions whose name encodes their constant
+  (``def add_3(x):`` ... ``x + 3``): indentation and long-range copying;
+* ``sort`` -- ``sort: 5 3 9 1 -> 1 3 5 9``: the answer is a permutation of the input.
 
-A user's own text file works too (``load_text_file``): documents are split at blank lines.
+Because every token carries its domain, later chapters measure per-domain
+behaviour: which MoE experts specialise in which domain (chapter 03), where
+multi-token prediction helps most (chapter 04). The loss to beat is the unigram
+entropy (:func:`unigram_entropy`): the best any model can do that ignores context.
+A trained model falls well below it, because answers here are predictable from context.
+
+Documents are stored as ``BOS + bytes + EOS`` concatenated into one long stream;
+training windows are cut from it at random positions (no padding needed).
 """
 
 from __future__ import annotations
 
-import math
 import random
-from collections import Counter
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
+from torch import Tensor
 
-__all__ = ["PAD_ID", "BOS_ID", "EOS_ID", "SEP_ID", "VOCAB_SIZE", "SPECIAL_TOKENS", "DOMAINS",
-           "ByteTokenizer", "Document", "generate_document", "synthetic_corpus", "load_text_file",
-           "TokenStream", "tokenize_documents", "train_val_split", "Batcher", "eval_batches",
-           "unigram_entropy", "make_datasets"]
+__all__ = [
+    "PAD_ID", "BOS_ID", "EOS_ID", "SEP_ID", "VOCAB_SIZE", "SPECIAL_TOKENS", "DOMAINS",
+    "ByteTokenizer", "Document", "generate_document", "synthetic_corpus", "load_text_file",
+    "TokenStream", "tokenize_documents", "train_val_split", "Batcher", "eval_batches",
+    "unigram_entropy", "make_datasets",
+]
 
-N_BYTES = 256
-PAD_ID, BOS_ID, EOS_ID, SEP_ID = 256, 257, 258, 259
-VOCAB_SIZE = 260
+N_BYTES = 256  # byte values 0..255 are their own token ids
+PAD_ID, BOS_ID, EOS_ID, SEP_ID = N_BYTES, N_BYTES + 1, N_BYTES + 2, N_BYTES + 3
+VOCAB_SIZE = N_BYTES + 4
 SPECIAL_TOKENS = {"<|pad|>": PAD_ID, "<|bos|>": BOS_ID, "<|eos|>": EOS_ID, "<|sep|>": SEP_ID}
+_SPECIAL_NAMES = {i: name for name, i in SPECIAL_TOKENS.items()}
 DOMAINS = ("arithmetic", "grammar", "code", "sort")
-LINES_PER_DOC = (4, 10)        # each document has this many lines (inclusive range)
+
+# Lines per document, per domain (arithmetic lines are short, so it gets more of them).
+LINES_PER_DOC = {"arithmetic": (8, 10), "grammar": (4, 8), "code": (7, 10), "sort": (4, 8)}
+MAX_OPERAND_DIGITS = 3   # + and - operands have 1..3 digits
+MAX_MUL_LEFT, MAX_MUL_RIGHT = 99, 12   # a*b with a <= 99, b <= 12
+SORT_LEN, SORT_MAX_VALUE = (4, 8), 99
+SORT_OPS, SORT_OP_WEIGHTS = ("sort", "max", "reverse"), (0.6, 0.2, 0.2)
+CODE_CONSTANTS, MIN_FUNCTION_LINES = (2, 9), 2
+
+# --- the grammar's vocabulary (56 lemmas): number agreement is the structure to learn ---
+DETS_SING, DETS_PLUR, DETS_ANY = ("a", "every", "this", "one"), ("some", "these", "many", "two"), ("the", "my")
+ADJECTIVES = ("small", "big", "red", "blue", "old", "young", "happy", "quiet", "green", "tall")
+NOUNS = ("cat", "dog", "bird", "ball", "tree", "hill", "house", "river", "teacher", "book",
+         "car", "garden", "apple", "friend")  # plural = noun + "s"
+VERBS_T = (("sees", "see"), ("likes", "like"), ("finds", "find"), ("chases", "chase"),
+           ("holds", "hold"), ("watches", "watch"), ("follows", "follow"))
+VERBS_I = (("sleeps", "sleep"), ("runs", "run"), ("sings", "sing"), ("waits", "wait"), ("jumps", "jump"))
+PREPOSITIONS = ("on", "under", "near", "behind", "in", "with")
+ADVERBS = ("today", "again", "slowly", "quickly")
+P_ADJ, P_TRANSITIVE, P_PP, P_ADVERB, P_PLURAL = 0.5, 0.6, 0.4, 0.2, 0.4
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} ({value!r}) must be a positive int")
+    return value
+
+
+def _check_domain(domain: object) -> str:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains are {DOMAINS}")
+    return domain  # type: ignore[return-value]
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; ids 256..259 are <|pad|>, <|bos|>, <|eos|>, <|sep|>."""
+    """UTF-8 bytes as token ids 0..255, plus the special tokens 256..259."""
 
-    vocab_size = VOCAB_SIZE
-    special_tokens = SPECIAL_TOKENS
+    vocab_size: int = VOCAB_SIZE
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``'s UTF-8 bytes, optionally framed by BOS/EOS."""
         if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        ids = list(text.encode("utf-8"))
-        return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        return [BOS_ID] * bos + list(text.encode("utf-8")) + [EOS_ID] * eos
 
-    def decode(self, ids: Iterable[int] | torch.Tensor, skip_special: bool = True) -> str:
-        """Bytes back to text (invalid UTF-8 becomes U+FFFD); specials are dropped or named."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        names = {v: k for k, v in SPECIAL_TOKENS.items()}
-        out, buffer = [], bytearray()
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < VOCAB_SIZE:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {VOCAB_SIZE})")
+    def decode(self, ids: Sequence[int] | Tensor, skip_special: bool = True) -> str:
+        """Text of ``ids``; invalid UTF-8 (e.g. a cut multi-byte char) becomes U+FFFD.
+
+        Specials are dropped, or rendered as their names (``<|bos|>``) when
+        ``skip_special=False`` -- handy when inspecting raw training windows.
+        """
+        if isinstance(ids, Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(f"ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} "
+                                 f"and dtype {ids.dtype}")
+            ids = ids.tolist()
+        pieces, buf = [], bytearray()
+        for pos, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < VOCAB_SIZE:
+                raise ValueError(f"token id {i!r} at position {pos} is outside [0, {VOCAB_SIZE})")
             if i < N_BYTES:
-                buffer.append(i)
-                continue
-            out.append(buffer.decode("utf-8", errors="replace"))
-            buffer.clear()
-            if not skip_special:
-                out.append(names[i])
-        out.append(buffer.decode("utf-8", errors="replace"))
-        return "".join(out)
+                buf.append(i)
+            elif not skip_special:
+                pieces += [buf.decode("utf-8", errors="replace"), _SPECIAL_NAMES[i]]
+                buf = bytearray()
+        return "".join(pieces) + buf.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
 class Document:
+    """One training document and the domain it belongs to."""
+
     text: str
     domain: str
 
 
-# ---------------------------------------------------------------- the four domains
+# ----------------------------------------------------------------- synthetic domains
+def _operand(rng: random.Random) -> int:
+    """A number with 1..MAX_OPERAND_DIGITS digits, each digit count equally likely."""
+    digits = rng.randint(1, MAX_OPERAND_DIGITS)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
 
 def _arithmetic_line(rng: random.Random) -> str:
     op = rng.choice("+-*")
     if op == "*":
-        a, b = rng.randint(2, 19), rng.randint(2, 12)
+        a, b = rng.randint(0, MAX_MUL_LEFT), rng.randint(0, MAX_MUL_RIGHT)
         return f"{a}*{b}={a * b}"
-    a, b = rng.randint(0, 199), rng.randint(0, 99)
+    a, b = _operand(rng), _operand(rng)
     if op == "-":
-        a, b = max(a, b), min(a, b)       # keep results non-negative
+        a, b = max(a, b), min(a, b)  # keep results non-negative
         return f"{a}-{b}={a - b}"
     return f"{a}+{b}={a + b}"
 
 
-_DET = ("the", "a", "every", "one")
-_ADJ = ("small", "red", "old", "quiet", "happy", "green", "tall", "busy")
-_NOUN = ("cat", "dog", "bird", "child", "farmer", "river", "tree", "ball", "house", "teacher", "fox", "boat")
-_VERB_T = ("sees", "finds", "likes", "follows", "paints", "carries", "watches", "builds")
-_VERB_I = ("sleeps", "runs", "sings", "waits", "laughs", "falls")
-_PREP = ("on", "near", "under", "behind", "over")
-_PLACE = ("hill", "road", "bridge", "garden", "table", "wall")
-
-
-def _noun_phrase(rng: random.Random) -> str:
-    words = [rng.choice(_DET)]
-    if rng.random() < 0.6:
-        words.append(rng.choice(_ADJ))
-    words.append(rng.choice(_NOUN))
-    return " ".join(words)
+def _noun_phrase(rng: random.Random, plural: bool) -> str:
+    det = rng.choice((DETS_PLUR if plural else DETS_SING) + DETS_ANY)
+    adj = [rng.choice(ADJECTIVES)] if rng.random() < P_ADJ else []
+    noun = rng.choice(NOUNS) + ("s" if plural else "")
+    return " ".join([det, *adj, noun])
 
 
 def _grammar_line(rng: random.Random) -> str:
-    subject = _noun_phrase(rng)
-    if rng.random() < 0.65:
-        clause = f"{subject} {rng.choice(_VERB_T)} {_noun_phrase(rng)}"
+    """S -> NP VP [PP] [ADV] '.'; the verb agrees in number with the subject NP."""
+    plural = rng.random() < P_PLURAL
+    words = [_noun_phrase(rng, plural)]
+    if rng.random() < P_TRANSITIVE:
+        words += [rng.choice(VERBS_T)[plural], _noun_phrase(rng, rng.random() < P_PLURAL)]
     else:
-        clause = f"{subject} {rng.choice(_VERB_I)}"
-    if rng.random() < 0.4:
-        clause += f" {rng.choice(_PREP)} the {rng.choice(_PLACE)}"
-    return clause + " ."
+        words.append(rng.choice(VERBS_I)[plural])
+    if rng.random() < P_PP:
+        words += [rng.choice(PREPOSITIONS), _noun_phrase(rng, rng.random() < P_PLURAL)]
+    if rng.random() < P_ADVERB:
+        words.append(rng.choice(ADVERBS))
+    return " ".join(words) + " ."
 
 
-_CODE_OPS = {"add": "+", "sub": "-", "mul": "*"}
-
-
-def _code_lines(rng: random.Random) -> list[str]:
-    """One small function: its name says what it computes (add_3 adds 3)."""
-    kind, k = rng.choice(list(_CODE_OPS)), rng.randint(1, 9)
-    var = rng.choice("xyzn")
-    name = f"{kind}_{k}"
-    if rng.random() < 0.5:
-        return [f"def {name}({var}):", f"    r = {var} {_CODE_OPS[kind]} {k}", "    return r"]
-    limit = rng.randint(2, 9)
-    return [f"def {name}_upto({var}):", "    out = []", f"    for i in range({limit}):",
-            f"        out.append(i {_CODE_OPS[kind]} {k})", "    return out"]
+def _code_function(rng: random.Random, max_lines: int) -> list[str]:
+    """One small function (2..6 lines, at most ``max_lines``) named after the constant it uses."""
+    k = rng.randint(*CODE_CONSTANTS)
+    a, y = rng.choice(("x", "n", "a", "v")), rng.choice(("y", "r", "out", "t"))
+    xs, v, acc = rng.choice(("xs", "items", "vals")), rng.choice(("x", "v", "item")), rng.choice(("total", "s", "acc"))
+    templates = [
+        [f"def add_{k}({a}):", f"    {y} = {a} + {k}", f"    return {y}"],
+        [f"def sub_{k}({a}):", f"    {y} = {a} - {k}", f"    return {y}"],
+        [f"def mul_{k}({a}):", f"    return {a} * {k}"],
+        [f"def clip_{k}({a}):", f"    if {a} > {k}:", f"        return {k}", f"    return {a}"],
+        [f"def sum_mul_{k}({xs}):", f"    {acc} = 0", f"    for {v} in {xs}:",
+         f"        {acc} = {acc} + {v} * {k}", f"    return {acc}"],
+        [f"def count_above_{k}({xs}):", f"    {acc} = 0", f"    for {v} in {xs}:",
+         f"        if {v} > {k}:", f"            {acc} = {acc} + 1", f"    return {acc}"],
+    ]
+    return rng.choice([t for t in templates if len(t) <= max_lines])
 
 
 def _sort_line(rng: random.Random) -> str:
-    values = [rng.randint(0, 99) for _ in range(rng.randint(3, 8))]
-    task = rng.choice(("sort", "sort", "max", "reverse"))
-    answer = {"sort": sorted(values), "max": [max(values)], "reverse": values[::-1]}[task]
-    return f"{task}: {' '.join(map(str, values))} -> {' '.join(map(str, answer))}"
+    values = [rng.randint(0, SORT_MAX_VALUE) for _ in range(rng.randint(*SORT_LEN))]
+    op = rng.choices(SORT_OPS, weights=SORT_OP_WEIGHTS)[0]
+    answer = {"sort": sorted(values), "max": [max(values)], "reverse": values[::-1]}[op]
+    return f"{op}: {' '.join(map(str, values))} -> {' '.join(map(str, answer))}"
 
 
 def generate_document(domain: str, rng: random.Random) -> Document:
-    """One document of 4 to 10 lines (code: 2 to 4 functions) from ``domain``."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose from {DOMAINS}")
-    n = rng.randint(*LINES_PER_DOC)
-    if domain == "code":
-        lines = [line for _ in range(max(2, n // 3)) for line in _code_lines(rng) + [""]][:-1]
+    """One document of ``domain``: several lines, no blank line, ASCII only."""
+    _check_domain(domain)
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    lo, hi = LINES_PER_DOC[domain]
+    target = rng.randint(lo, hi)
+    if domain == "code":  # whole functions, until target lines or no room for the shortest
+        lines: list[str] = []
+        while len(lines) < target and hi - len(lines) >= MIN_FUNCTION_LINES:
+            lines += _code_function(rng, hi - len(lines))
     else:
-        make = {"arithmetic": _arithmetic_line, "grammar": _grammar_line, "sort": _sort_line}[domain]
-        lines = [make(rng) for _ in range(n)]
-    return Document("\n".join(lines) + "\n", domain)
-
-
-def _require_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        make_line = {"arithmetic": _arithmetic_line, "grammar": _grammar_line, "sort": _sort_line}[domain]
+        lines = [make_line(rng) for _ in range(target)]
+    return Document("\n".join(lines), domain)
 
 
 def synthetic_corpus(n_docs: int = 4000, seed: int = 0, domains: Sequence[str] = DOMAINS) -> list[Document]:
-    """``n_docs`` documents, balanced over ``domains`` and shuffled; identical for a given seed."""
-    _require_positive("n_docs", n_docs)
-    unknown = [d for d in domains if d not in DOMAINS]
-    if unknown or not domains:
-        raise ValueError(f"unknown domain(s) {unknown or list(domains)}; choose from {DOMAINS}")
+    """``n_docs`` documents, domains balanced (cycled) and shuffled; same seed -> same corpus."""
+    _check_positive_int("n_docs", n_docs)
+    if isinstance(domains, str) or len(domains) == 0 or len(set(domains)) != len(domains):
+        raise ValueError(f"domains ({domains!r}) must be a non-empty sequence of distinct names from {DOMAINS}")
+    for d in domains:
+        _check_domain(d)
     rng = random.Random(seed)
-    docs = [generate_document(domains[i % len(domains)], rng) for i in range(n_docs)]
-    rng.shuffle(docs)
-    return docs
+    order = [domains[i % len(domains)] for i in range(n_docs)]
+    rng.shuffle(order)
+    return [generate_document(d, rng) for d in order]
 
 
 def load_text_file(path: str | Path, domain: str = "text") -> list[Document]:
-    """A UTF-8 text file as documents, split at blank lines."""
+    """Your own UTF-8 text as documents: paragraphs separated by blank lines."""
+    if not isinstance(domain, str) or not domain:
+        raise ValueError(f"domain ({domain!r}) must be a non-empty str")
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"text file {str(path)!r} does not exist")
+        raise ValueError(f"text file '{path}' does not exist")
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a file")
+        raise ValueError(f"text file '{path}' is not a regular file (a directory?)")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"text file {str(path)!r} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    docs = [Document(block.strip("\n") + "\n", domain) for block in text.split("\n\n") if block.strip()]
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file '{path}' is not valid UTF-8 (byte {err.start}: {err.reason})") from None
+    paragraphs = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
+    docs = [Document(p.strip("\n").rstrip(), domain) for p in paragraphs if p.strip()]
     if not docs:
-        raise ValueError(f"text file {str(path)!r} is empty")
+        raise ValueError(f"text file '{path}' is empty (no non-blank text)")
     return docs
 
 
-# ---------------------------------------------------------------- streams and batches
-
+# ----------------------------------------------------------------- token streams
 @dataclass
 class TokenStream:
-    """Documents as one token sequence: <|bos|> + bytes + <|eos|> each, with a domain per token."""
+    """All documents as one token sequence, with the domain index of every token."""
 
-    tokens: torch.Tensor          # (N,) int64
-    domains: torch.Tensor         # (N,) int64, index into domain_names
+    tokens: Tensor   # (N,) int64: BOS + bytes + EOS per document, concatenated
+    domains: Tensor  # (N,) int64: index into domain_names
     domain_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 1 or self.tokens.shape != self.domains.shape:
+            raise ValueError(f"tokens {tuple(self.tokens.shape)} and domains {tuple(self.domains.shape)} "
+                             "must be 1-D tensors of the same length")
 
     def __len__(self) -> int:
         return self.tokens.numel()
 
 
+def _default_domain_names(docs: Sequence[Document]) -> tuple[str, ...]:
+    """Known domains in DOMAINS order, then any others in order of first appearance."""
+    present = dict.fromkeys(d.domain for d in docs)
+    return tuple(d for d in DOMAINS if d in present) + tuple(d for d in present if d not in DOMAINS)
+
+
 def tokenize_documents(docs: Sequence[Document], tokenizer: ByteTokenizer | None = None,
                        domain_names: Sequence[str] | None = None) -> TokenStream:
-    if not docs:
-        raise ValueError("tokenize_documents needs at least one document")
+    """Encode documents as ``BOS + bytes + EOS`` and concatenate them into a TokenStream."""
+    if len(docs) == 0:
+        raise ValueError("docs is empty: need at least one document to tokenize")
     tokenizer = tokenizer or ByteTokenizer()
-    names = tuple(domain_names) if domain_names is not None else tuple(dict.fromkeys(d.domain for d in docs))
+    names = tuple(domain_names) if domain_names is not None else _default_domain_names(docs)
+    if len(set(names)) != len(names):
+        raise ValueError(f"domain_names ({names!r}) must not repeat a name")
     index = {name: i for i, name in enumerate(names)}
-    tokens, domains = [], []
+    ids: list[int] = []
+    doc_domains, doc_lengths = [], []
     for doc in docs:
         if doc.domain not in index:
             raise ValueError(f"document domain {doc.domain!r} is not in domain_names {names}")
-        ids = tokenizer.encode(doc.text, bos=True, eos=True)
-        tokens.extend(ids)
-        domains.extend([index[doc.domain]] * len(ids))
-    return TokenStream(torch.tensor(tokens, dtype=torch.long), torch.tensor(domains, dtype=torch.long), names)
+        encoded = tokenizer.encode(doc.text, bos=True, eos=True)
+        ids += encoded
+        doc_domains.append(index[doc.domain])
+        doc_lengths.append(len(encoded))
+    domains = torch.repeat_interleave(torch.tensor(doc_domains), torch.tensor(doc_lengths))  # (N,)
+    return TokenStream(torch.tensor(ids, dtype=torch.long), domains.long(), names)
 
 
 def train_val_split(docs: Sequence[Document], val_fraction: float = 0.1,
                     seed: int = 0) -> tuple[list[Document], list[Document]]:
-    """Split by document, per domain, so every domain with 2+ documents appears in validation."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1)")
+    """Split by document, per domain, so validation sees every domain (>= 1 doc when it has >= 2)."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction ({val_fraction!r}) must be in (0, 1)")
+    if len(docs) == 0:
+        raise ValueError("docs is empty: need at least one document to split")
+    by_domain: dict[str, list[int]] = {}
+    for i, doc in enumerate(docs):
+        by_domain.setdefault(doc.domain, []).append(i)
     rng = random.Random(seed)
-    by_domain: dict[str, list[Document]] = {}
-    for doc in docs:
-        by_domain.setdefault(doc.domain, []).append(doc)
-    train, val = [], []
-    for domain_docs in by_domain.values():
-        order = list(range(len(domain_docs)))
-        rng.shuffle(order)
-        n_val = max(1, round(val_fraction * len(order))) if len(order) >= 2 else 0
-        chosen = set(order[:n_val])
-        for i, doc in enumerate(domain_docs):
-            (val if i in chosen else train).append(doc)
+    val_idx: set[int] = set()
+    for idx in by_domain.values():
+        n_val = min(max(round(len(idx) * val_fraction), 1), len(idx) - 1)  # 0 when a domain has 1 doc
+        val_idx.update(rng.sample(idx, n_val))
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
     return train, val
 
 
 def _check_window(stream: TokenStream, batch_size: int, seq_len: int) -> None:
-    _require_positive("batch_size", batch_size)
-    _require_positive("seq_len", seq_len)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("seq_len", seq_len)
     if seq_len >= len(stream):
-        raise ValueError(f"seq_len ({seq_len}) must be < the stream's {len(stream)} tokens")
+        raise ValueError(f"seq_len ({seq_len}) is too large: the stream has {len(stream)} tokens "
+                         f"and seq_len must be < {len(stream)}")
 
 
-def _window(stream: TokenStream, starts: torch.Tensor, seq_len: int):
-    offsets = starts[:, None] + torch.arange(seq_len + 1)
-    chunk = stream.tokens[offsets]
-    return chunk[:, :-1], chunk[:, 1:], stream.domains[offsets[:, 1:]]
+def _windows(stream: TokenStream, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x, y (targets = x shifted by one) and the domain of each target, from start offsets (B,)."""
+    idx = starts[:, None] + torch.arange(seq_len + 1)  # (B, T+1)
+    window = stream.tokens[idx]                        # (B, T+1)
+    return window[:, :-1], window[:, 1:], stream.domains[idx[:, 1:]]
 
 
 class Batcher:
-    """Random training windows from a TokenStream, with its own torch.Generator so a
-    checkpoint can store and restore its state (exact resume)."""
+    """Random training windows from a TokenStream, with its own torch.Generator so a checkpoint
+    can store and restore its state (exact resume)."""
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0) -> None:
         _check_window(stream, batch_size, seq_len)
         self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T), y (B, T) = x shifted by one, dom (B, T): domain of each target token."""
-        starts = torch.randint(0, len(self.stream) - self.seq_len, (self.batch_size,), generator=self.generator)
-        return _window(self.stream, starts, self.seq_len)
+    def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T), y (B, T), dom (B, T); windows may span document boundaries."""
+        n_starts = len(self.stream) - self.seq_len  # a window needs T+1 tokens
+        starts = torch.randint(0, n_starts, (self.batch_size,), generator=self.generator)  # (B,)
+        return _windows(self.stream, starts, self.seq_len)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        """Generator state plus the shape it was saved for (checked on load)."""
+        return {"generator": self.generator.get_state().clone(), "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "n_tokens": len(self.stream)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the generator; the next batches equal those the saved Batcher would have drawn."""
+        missing = {"generator", "batch_size", "seq_len", "n_tokens"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}")
+        mine = {"batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.stream)}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise ValueError(f"state[{key!r}] ({state[key]!r}) must equal this Batcher's {key} ({value}) "
+                                 "for an exact resume")
         self.generator.set_state(state["generator"])
 
 
 def eval_batches(stream: TokenStream, batch_size: int, seq_len: int,
-                 max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Deterministic, non-overlapping windows from the start of the stream."""
+                 max_batches: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Non-overlapping windows tiling the stream from its start, the same on every call.
+
+    Window i covers targets ``[i*T + 1, (i+1)*T]``; the last batch may hold fewer than
+    ``batch_size`` windows so that every full window is evaluated. With ``max_batches``,
+    ``max_batches * batch_size`` of those windows are taken evenly spaced over the whole
+    stream, not just its first documents, so a capped evaluation still sees every part.
+    """
     _check_window(stream, batch_size, seq_len)
-    n_windows = (len(stream) - 1) // seq_len
-    n_batches = n_windows // batch_size
-    if n_batches == 0:
-        raise ValueError(f"the stream's {len(stream)} tokens hold fewer than batch_size ({batch_size}) "
-                         f"windows of seq_len ({seq_len}); use a smaller batch or sequence")
+    starts = torch.arange(0, len(stream) - seq_len, seq_len)  # (n_windows,)
     if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    starts = torch.arange(n_batches * batch_size) * seq_len
-    return [_window(stream, s, seq_len) for s in starts.split(batch_size)]
+        k = min(_check_positive_int("max_batches", max_batches) * batch_size, len(starts))
+        # floor(i * (n-1) / (k-1)) is strictly increasing when k <= n: distinct windows
+        pick = torch.arange(k) * (len(starts) - 1) // max(k - 1, 1)  # (k,)
+        starts = starts[pick]
+    return [_windows(stream, s, seq_len) for s in starts.split(batch_size)]
 
 
-def unigram_entropy(stream_or_tokens: TokenStream | torch.Tensor | Sequence[int],
-                    vocab_size: int = VOCAB_SIZE) -> float:
-    """Entropy (nats) of the token frequencies: the loss of the best model that ignores context."""
-    tokens = stream_or_tokens.tokens if isinstance(stream_or_tokens, TokenStream) else torch.as_tensor(stream_or_tokens)
-    if tokens.numel() == 0:
-        raise ValueError("unigram_entropy needs at least one token")
-    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
+def unigram_entropy(stream_or_tokens: TokenStream | Tensor | Sequence[int], vocab_size: int = VOCAB_SIZE) -> float:
+    """Entropy (nats) of the token frequencies: the loss of the best context-free model.
+
+    A model that predicts every token with the corpus frequencies scores exactly this
+    cross-entropy; a trained model must go below it to show it uses context.
+    """
+    _check_positive_int("vocab_size", vocab_size)
+    tokens = stream_or_tokens.tokens if isinstance(stream_or_tokens, TokenStream) else stream_or_tokens
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    if tokens.numel() == 0 or tokens.is_floating_point():
+        raise ValueError(f"tokens must be a non-empty integer sequence, got {tokens.numel()} "
+                         f"values of dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+    p = torch.bincount(tokens.long(), minlength=vocab_size).double() / tokens.numel()  # (V,)
+    p = p[p > 0]
+    return max(float(-(p * p.log()).sum()), 0.0)  # max() turns -0.0 into 0.0
 
 
 def make_datasets(source: str | Path = "synthetic", n_docs: int = 4000, seed: int = 0,
                   val_fraction: float = 0.1) -> tuple[TokenStream, TokenStream]:
-    """Train and validation streams from the synthetic corpus or a text file."""
+    """Train and validation streams from the synthetic corpus or from a text file.
+
+    ``source="synthetic"`` builds :func:`synthetic_corpus` (``n_docs`` is used);
+    anything else is a path for :func:`load_text_file`. Both streams share
+    ``domain_names``, so a domain index means the same thing in each.
+    """
     if str(source) == "synthetic":
-        docs, names = synthetic_corpus(n_docs, seed), DOMAINS
+        docs = synthetic_corpus(n_docs, seed)
     else:
         docs = load_text_file(source)
-        names = tuple(dict.fromkeys(d.domain for d in docs))
+    if len(docs) < 2:
+        raise ValueError(f"source {str(source)!r} gives {len(docs)} document; need at least 2 "
+                         "(separate documents with a blank line)")
+    names = _default_domain_names(docs)
     train, val = train_val_split(docs, val_fraction, seed)
-    if not val:
-        raise ValueError(f"{source}: too few documents ({len(docs)}) to hold some out for validation")
     return tokenize_documents(train, domain_names=names), tokenize_documents(val, domain_names=names)

@@ -119,6 +119,7 @@ def _public_names(module: _Module) -> list[str]:
 
 
 def _render(module: _Module) -> str:
+    names = _public_names(module)      # parses every cell; a syntax error becomes an ExportError
     first = module.cells[0]
     tree = ast.parse(first.source)
     if not (tree.body and isinstance(tree.body[0], ast.Expr)
@@ -126,7 +127,6 @@ def _render(module: _Module) -> str:
         raise ExportError(f"{first.notebook} ({first.section}): the first export cell for "
                           f"{module.name} must start with the module docstring")
     sources = sorted({c.notebook for c in module.cells})
-    names = _public_names(module)
     lines = [f"{GENERATED_TAG} from {', '.join(sources)}.",
              "# Edit the notebook, then re-run the command: a test fails when they differ.",
              first.source, "", f"__all__ = {names!r}"]

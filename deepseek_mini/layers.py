@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, over the last dimension (Zhang & Sennrich 2019).
 
     No mean subtraction and no bias, unlike LayerNorm: one reduction, one learned gain.
-    The statistic is computed in float32 and the result cast back, so bf16 inputs are safe.
+    The statistic is computed in (at least) float32 and cast back, so bf16 inputs are safe.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -33,9 +33,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
+        x_hp = x.to(dtype)
+        x_hp = x_hp * torch.rsqrt(x_hp.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x_hp * self.weight.to(dtype)).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -84,6 +84,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Linear and embedding weights ~ N(0, initializer_range^2), biases 0, norm gains 1."""
+        if self.config.tie_word_embeddings:   # moving off the meta device replaces parameters: re-tie
+            self.head.weight = self.embed.weight
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -145,9 +147,10 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     """
     config = load_config(config) if not isinstance(config, ModelConfig) else config
     device = torch.device(device)
-    with device:
+    with torch.device("meta"):        # shapes only: no memory, no RNG draws by nn.Linear's own init
         model = Transformer(config)
     if device.type != "meta":
+        model = model.to_empty(device=device)
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         model.init_weights(generator)
     if dtype is not None:

@@ -44,10 +44,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     cos, sin: (T, D/2), the rows for the positions of x's T tokens.
     """
-    if x.shape[-1] != 2 * cos.shape[-1] or x.shape[1] != cos.shape[0]:
-        raise ValueError(f"apply_rope: x (B, T, H, D) = {tuple(x.shape)} needs cos/sin of shape "
-                         f"(T, D/2) = ({x.shape[1]}, {x.shape[-1] // 2}), got {tuple(cos.shape)}")
-    x0, x1 = rearrange(x.float(), "b t h (i two) -> two b t h i", two=2)
+    expected = (x.shape[1], x.shape[-1] // 2)
+    if x.dim() != 4 or x.shape[-1] % 2 or tuple(cos.shape) != expected or tuple(sin.shape) != expected:
+        raise ValueError(f"apply_rope: x (B, T, H, D) = {tuple(x.shape)} needs cos and sin of shape "
+                         f"(T, D/2) = {expected}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    x_hp = x.to(torch.promote_types(x.dtype, torch.float32))     # rotate in at least float32
+    x0, x1 = rearrange(x_hp, "b t h (i two) -> two b t h i", two=2)
     cos, sin = (rearrange(c, "t i -> t 1 i") for c in (cos, sin))
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos))
     return rearrange(rotated, "two b t h i -> b t h (i two)").type_as(x)

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_by_domai
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SAMPLE_PROMPTS = ("37+25=", "sort: 9 4 7 1 -> ", "def add_4(x):\n", "the small ")
+SAMPLE_TOKENS = 48
 
 
 @dataclass
@@ -69,7 +70,7 @@ class TrainConfig:
     data: str = "synthetic"            # "synthetic" or a path to a UTF-8 text file
     n_docs: int = 4000
     out_dir: str | None = None         # where checkpoints, metrics.jsonl and loss.png go
-    checkpoint_every: int = 0          # 0: only at the end (when out_dir is set)
+    checkpoint_every: int = 0          # also keep checkpoint-NNNNNN.pt every N steps (0: only the final one)
     progress: bool = True
 
     def validate(self) -> None:
@@ -213,6 +214,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _truncate_metrics(out_dir: Path, keep_through_step: int) -> None:
+    """Drop metrics records after the step a run (re)starts from, so a resume never duplicates."""
+    path = out_dir / METRICS_NAME
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def _append_metrics(out_dir: Path | None, record: dict[str, Any]) -> None:
     if out_dir is not None:
         with open(out_dir / METRICS_NAME, "a") as f:
@@ -255,8 +266,7 @@ def train(model_config: ModelConfig | str, train_config: TrainConfig | None = No
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if state is None and (out_dir / METRICS_NAME).exists():
-            (out_dir / METRICS_NAME).unlink()
+        _truncate_metrics(out_dir, start_step)
     baseline = unigram_entropy(train_stream)
     model.train()
     started = time.perf_counter()
@@ -287,10 +297,12 @@ def train(model_config: ModelConfig | str, train_config: TrainConfig | None = No
             record["val_loss"] = val
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}")
         _append_metrics(out_dir, record)
-        last = step + 1 == cfg.steps
-        if out_dir is not None and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last):
-            save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, batcher, step + 1,
-                            model_config, cfg, history)
+        if out_dir is not None:
+            periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            names = ([f"checkpoint-{step + 1:06d}.pt"] if periodic else []) + \
+                ([CHECKPOINT_NAME] if step + 1 == cfg.steps else [])
+            for name in names:
+                save_checkpoint(out_dir / name, model, optimizer, batcher, step + 1, model_config, cfg, history)
     bar.close()
     return TrainResult(model=model, history=history, model_config=model_config, train_config=cfg,
                        unigram_entropy=baseline, device=str(device), out_dir=out_dir,
@@ -348,7 +360,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--n-docs", type=int, default=defaults.n_docs, help=f"synthetic documents to generate (default: {defaults.n_docs})")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/toy", help="folder for checkpoint.pt, metrics.jsonl and loss.png (default: runs/toy)")
-    out.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (default: only at the end)")
+    out.add_argument("--checkpoint-every", type=int, default=0,
+                     help="also keep checkpoint-NNNNNN.pt every N steps (default: only checkpoint.pt at the end)")
     out.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file or run folder")
     out.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS), help="prompts to complete at the end (default: 4)")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -378,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsamples (greedy):")
     for prompt_text in SAMPLE_PROMPTS[:args.samples]:
         prompt = torch.tensor([tok.encode(prompt_text, bos=True)], device=device)
-        out = generate(result.model, prompt, max_new_tokens=48, temperature=0, stop_token=EOS_ID)
+        room = result.model_config.max_position_embeddings - prompt.shape[1]
+        out = generate(result.model, prompt, max_new_tokens=min(SAMPLE_TOKENS, room), temperature=0,
+                       stop_token=EOS_ID)
         print(f"  {tok.decode(out[0])!r}")
     plot = plot_losses(result, Path(args.out) / "loss.png")
     print(f"\nloss plot:  {plot}")

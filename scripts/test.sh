@@ -14,6 +14,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "[test] chromium is missing: install it (Debian/Ubuntu: sudo apt-get install chromium)" >&2
   fi
 fi
-export PYTHONHASHSEED=0 MPLBACKEND=Agg
+export PYTHONHASHSEED=0
 exec .venv/bin/python -m pytest tests notebooks solutions \
   --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -p no:cacheprovider "$@"

@@ -1,0 +1,176 @@
+"""The notebook exporter: the package is in sync with the notebooks, and the exporter's rules
+hold on synthetic notebooks."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from deepseek_mini import export as exporter
+from deepseek_mini.export import EXPORT_MARKER, ExportError, check, render_modules
+
+GENERATED = sorted(p for p in exporter.PACKAGE_DIR.rglob("*.py")
+                   if p.read_text().startswith(exporter.GENERATED_TAG))
+
+
+def write_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
+    """cells: ("md" | "code", source)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+                for kind, src in cells]
+    nbformat.write(nb, path)
+    return path
+
+
+def module_all(text: str) -> list[str]:
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("no __all__")
+
+
+def test_package_is_in_sync_with_the_notebooks():
+    assert check(verbose=False) == []
+
+
+def test_chapter_01_generates_the_four_modules():
+    names = {p.stem for p in GENERATED}
+    assert {"layers", "rope", "attention", "generate"} <= names
+    assert {p.name for p in render_modules()} == {p.name for p in GENERATED}
+
+
+@pytest.mark.parametrize("path", GENERATED, ids=[p.stem for p in GENERATED])
+def test_generated_module_defines_each_public_name_once_and_exports_it(path):
+    text = path.read_text()
+    defined = []
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.append(node.name)
+        elif isinstance(node, ast.Assign):
+            defined += [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.append(node.target.id)
+    public = [n for n in defined if not n.startswith("_")]
+    assert len(public) == len(set(public)), f"defined twice: {sorted({n for n in public if public.count(n) > 1})}"
+    names = module_all(text)
+    assert names == public
+    module = importlib.import_module("deepseek_mini." + path.stem)
+    assert list(module.__all__) == names
+    for name in names:
+        assert hasattr(module, name), name
+    assert module.__doc__ and module.__doc__.strip()
+
+
+DOC = '"""A synthetic module for the exporter tests."""\n'
+
+
+def test_render_collects_cells_in_order_with_header_docstring_and_sections(tmp_path):
+    nb = write_notebook(tmp_path / "99_synthetic.ipynb", [
+        ("md", "# Chapter\n## 1. First section"),
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}\nimport math\n\n\ndef first():\n    return 1"),
+        ("code", "x = 'not exported'"),
+        ("md", "## 2. Second section"),
+        ("code", f"{EXPORT_MARKER} synth\ndef second():\n    return 2"),
+        ("code", f"{EXPORT_MARKER} other\n\"\"\"Another module.\"\"\"\nVALUE = 3"),
+    ])
+    rendered = render_modules([nb])
+    by_name = {p.name: t for p, t in rendered.items()}
+    assert set(by_name) == {"synth.py", "other.py"}
+    assert all(p.parent == exporter.PACKAGE_DIR for p in rendered)
+    text = by_name["synth.py"]
+    header = text.splitlines()[0]
+    assert header.startswith(exporter.GENERATED_TAG)
+    assert "99_synthetic.ipynb" in header                      # the header names the notebook
+    # First cell verbatim (docstring, imports, code), then __all__, then later cells.
+    assert text.index(DOC.strip()) < text.index("def first") < text.index("__all__") \
+        < text.index("# --- ") < text.index("def second")
+    assert "99_synthetic.ipynb: 2. Second section" in text
+    assert "99_synthetic.ipynb: # Chapter" not in text          # the section is the last heading
+    assert "not exported" not in text
+    assert module_all(text) == ["first", "second"]
+    assert module_all(by_name["other.py"]) == ["VALUE"]
+    ns: dict = {}
+    exec(compile(text, "synth.py", "exec"), ns)                 # the output is valid Python
+    assert ns["first"]() + ns["second"]() == 3 and ns["__doc__"] == DOC.strip().strip('"')
+
+
+def test_all_lists_public_defs_classes_and_constants_only(tmp_path):
+    nb = write_notebook(tmp_path / "nb.ipynb", [
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}\nimport os\nfrom math import pi\n\n"
+                 "CONSTANT = 1\n_private_const = 2\nannotated: int = 3\n\n"
+                 "def public():\n    inner = 4\n    return inner\n\n"
+                 "def _helper():\n    pass\n\n"
+                 "class Thing:\n    attr = 5\n    def method(self):\n        pass\n\n"
+                 "class _Hidden:\n    pass\n\n"
+                 "async def fetch():\n    pass\n\n"
+                 "if True:\n    conditional = 6\n"),
+    ])
+    (text,) = render_modules([nb]).values()
+    assert module_all(text) == ["CONSTANT", "annotated", "public", "Thing", "fetch"]
+
+
+def test_duplicate_definition_across_cells_raises_naming_it(tmp_path):
+    nb = write_notebook(tmp_path / "dup.ipynb", [
+        ("md", "## A"),
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}\ndef twice():\n    return 1"),
+        ("md", "## B"),
+        ("code", f"{EXPORT_MARKER} synth\ndef twice():\n    return 2"),
+    ])
+    with pytest.raises(ExportError, match=r"twice is defined twice.*\(A\).*\(B\)"):
+        render_modules([nb])
+
+
+def test_duplicate_across_two_notebooks_raises(tmp_path):
+    a = write_notebook(tmp_path / "a.ipynb", [("code", f"{EXPORT_MARKER} synth\n{DOC}\nSHARED = 1")])
+    b = write_notebook(tmp_path / "b.ipynb", [("code", f"{EXPORT_MARKER} synth\nSHARED = 2")])
+    with pytest.raises(ExportError, match="SHARED"):
+        render_modules([a, b])
+    # Same name in different modules is fine.
+    c = write_notebook(tmp_path / "c.ipynb", [("code", f"{EXPORT_MARKER} elsewhere\n{DOC}\nSHARED = 2")])
+    assert len(render_modules([a, c])) == 2
+
+
+def test_first_export_cell_without_docstring_raises(tmp_path):
+    nb = write_notebook(tmp_path / "nodoc.ipynb", [
+        ("code", f"{EXPORT_MARKER} synth\nimport math\n{DOC}"),
+    ])
+    with pytest.raises(ExportError, match=r"first export cell for synth must start with the module docstring"):
+        render_modules([nb])
+
+
+def test_docstring_only_needed_in_the_first_cell(tmp_path):
+    nb = write_notebook(tmp_path / "ok.ipynb", [
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}"),
+        ("code", f"{EXPORT_MARKER} synth\ndef f():\n    pass"),
+    ])
+    (text,) = render_modules([nb]).values()
+    assert module_all(text) == ["f"]
+
+
+@pytest.mark.parametrize("line", [f"{EXPORT_MARKER}", f"{EXPORT_MARKER} Bad-Name", f"{EXPORT_MARKER} two words",
+                                  f"{EXPORT_MARKER}s rope", f"{EXPORT_MARKER} Rope"])
+def test_malformed_export_line_raises(tmp_path, line):
+    nb = write_notebook(tmp_path / "bad.ipynb", [("code", f"{line}\n{DOC}")])
+    with pytest.raises(ExportError, match="bad export line"):
+        render_modules([nb])
+
+
+@pytest.mark.parametrize("where", ["first_cell", "later_cell"])
+def test_cell_that_does_not_parse_raises_export_error(tmp_path, where):
+    # ExportError (not a bare SyntaxError) so `python -m deepseek_mini.export` reports it cleanly.
+    broken = "def broken(:\n    pass"
+    cells = ([("code", f"{EXPORT_MARKER} synth\n{DOC}\n{broken}")] if where == "first_cell" else
+             [("code", f"{EXPORT_MARKER} synth\n{DOC}"), ("code", f"{EXPORT_MARKER} synth\n{broken}")])
+    nb = write_notebook(tmp_path / "syntax.ipynb", cells)
+    with pytest.raises(ExportError, match="does not parse"):
+        render_modules([nb])
+
+
+def test_render_does_not_write_files(tmp_path):
+    nb = write_notebook(tmp_path / "nb.ipynb", [("code", f"{EXPORT_MARKER} zz_should_not_exist\n{DOC}")])
+    (path,) = render_modules([nb])
+    assert path.name == "zz_should_not_exist.py" and not path.exists()
