@@ -33,6 +33,9 @@ from typing import Any, Literal
 __all__ = ["ModelConfig", "PRESETS", "load_config", "preset_names"]
 
 AttnImpl = Literal["naive", "absorb"]
+# HF DeepseekV3/V2 router variants: "noaux_tc" (V3, bias-corrected group-limited top-k),
+# "group_limited_greedy" (V2), "greedy" (plain top-k).
+_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
 
 @dataclass
@@ -147,9 +150,16 @@ class ModelConfig:
         if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
             raise ValueError(f"num_nextn_predict_layers ({self.num_nextn_predict_layers!r}) "
                              "must be an integer >= 0 (DeepSeek-V3 uses 1)")
+        if self.topk_method not in _TOPK_METHODS:
+            raise ValueError(f"topk_method ({self.topk_method!r}) must be one of {_TOPK_METHODS} "
+                             "(DeepSeek-V3 uses 'noaux_tc': top-k of s_i + b_i within the kept groups)")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func ({self.scoring_func!r}) must be 'sigmoid' "
+                             "(DeepSeek-V3, eq. 15) or 'softmax' (DeepSeek-V2)")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
                 raise ValueError(f"{name} ({value!r}) must be None or an id in [0, vocab_size={self.vocab_size})")
 
     def _validate_attention(self) -> None:
@@ -209,9 +219,6 @@ class ModelConfig:
                              f"[0, num_hidden_layers={self.num_hidden_layers}]")
         if not self.routed_scaling_factor > 0:
             raise ValueError(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
-        if self.scoring_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"scoring_func ({self.scoring_func!r}) must be 'sigmoid' "
-                             "(DeepSeek-V3, eq. 15) or 'softmax' (DeepSeek-V2)")
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
@@ -340,8 +347,9 @@ def _from_official(data: dict[str, Any]) -> dict[str, Any]:
             "mscale": rope["mscale"], "mscale_all_dim": rope["mscale"],
         }
         out["max_position_embeddings"] = int(rope["rope_factor"] * rope["original_seq_len"])
-    out.setdefault("num_nextn_predict_layers", 1 if out.get("hidden_size") == 7168 else 0)
-    out.setdefault("initializer_range", 0.006)
+    # ModelArgs has no MTP field: the official inference code never builds the MTP module, so
+    # num_nextn_predict_layers stays at its default (0). Pass num_nextn_predict_layers=1 to
+    # load_config for DeepSeek-V3's released checkpoint, which carries one MTP layer.
     return out
 
 

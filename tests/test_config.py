@@ -170,7 +170,10 @@ def test_official_config_671B_json_loads_and_matches_the_preset(tmp_path):
     path.write_text(json.dumps(OFFICIAL_671B, indent=4))
     c = load_config(path)
     preset = load_config("deepseek-v3")
-    assert _arch(c) == _arch(preset)
+    # The official ModelArgs has no MTP field (its inference code skips layer 61), so the depth
+    # is 0 unless the caller says otherwise; it is never guessed from the model's size.
+    assert c.num_nextn_predict_layers == 0
+    assert _arch(load_config(path, num_nextn_predict_layers=1)) == _arch(preset)
     rs = c.rope_scaling
     assert rs.get("type", rs.get("rope_type")) == "yarn"
     assert rs["factor"] == 40 and rs["original_max_position_embeddings"] == 4096
@@ -227,6 +230,9 @@ INVALID = {
     "rope_scaling_beta_fast_below_slow": (dict(rope_scaling=dict(YARN, beta_fast=1, beta_slow=32)),
                                           _esc("beta_fast", "1", "beta_slow", "32")),
     "negative_mtp_depth": (dict(num_nextn_predict_layers=-1), _esc("num_nextn_predict_layers", "-1")),
+    "bad_topk_method_without_moe": (dict(topk_method="top2"), _esc("topk_method", "'top2'")),
+    "bad_scoring_func_without_moe": (dict(scoring_func="relu"), _esc("scoring_func", "'relu'")),
+    "bool_token_id": (dict(bos_token_id=True), _esc("bos_token_id", "True")),
     "eos_outside_vocab": (dict(eos_token_id=260), _esc("eos_token_id", "260", "vocab_size")),
     "bos_negative": (dict(bos_token_id=-1), _esc("bos_token_id", "-1")),
     "tie_word_embeddings_not_bool": (dict(tie_word_embeddings="yes"), _esc("tie_word_embeddings", "yes")),
