@@ -16,8 +16,8 @@ Switches:
 * ``num_nextn_predict_layers`` -> Multi-Token Prediction depth D (chapter 04, §2.2).
 * ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
 
-Presets: ``"toy"`` trains on a laptop CPU in minutes, ``"mini"`` fits one GPU in
-bf16, ``"deepseek-v3"`` is the 671B model with every value from the official config
+Presets: ``"toy"`` trains on a laptop CPU in minutes (``"toy-mla"`` is the same with
+Multi-head Latent Attention), ``"mini"`` fits one GPU in bf16, ``"deepseek-v3"`` is the 671B model with every value from the official config
 (arXiv 2412.19437 §4.2; ``config_671B.json``; HF ``config.json``).
 """
 
@@ -362,6 +362,16 @@ def _toy() -> ModelConfig:
     )
 
 
+def _toy_mla() -> ModelConfig:
+    """Chapter 02's toy with Multi-head Latent Attention: same trunk as "toy", d_c = 32, d_h^R = 16.
+
+    The latent cache holds 32 + 16 = 48 values per token per layer, against 2 * 4 * 32 = 256
+    for the toy's multi-head attention.
+    """
+    return _toy().replace(kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=32,
+                          qk_rope_head_dim=16, v_head_dim=32)
+
+
 def _mini() -> ModelConfig:
     """A ~0.2B baseline for one GPU in bf16: 16 layers, d=1024, GQA 16/4 heads."""
     return ModelConfig(
@@ -391,7 +401,7 @@ def _deepseek_v3() -> ModelConfig:
     )
 
 
-PRESETS = {"toy": _toy, "mini": _mini, "deepseek-v3": _deepseek_v3}
+PRESETS = {"toy": _toy, "toy-mla": _toy_mla, "mini": _mini, "deepseek-v3": _deepseek_v3}
 
 
 def preset_names() -> list[str]:

@@ -6,7 +6,7 @@ are exported from the lecture notebooks (``layers``, ``rope``, ``attention`` fro
 config *fields*, never from sizes:
 
 * attention: baseline MHA/GQA (``kv_lora_rank is None``) or Multi-head Latent Attention
-  (chapter 02, DeepSeek-V3 §2.1.1);
+  (chapter 02, DeepSeek-V3 §2.1.1), naive or absorbed by ``attn_impl``;
 * feed-forward: the dense SwiGLU MLP, or DeepSeekMoE from layer ``first_k_dense_replace``
   on (chapter 03, §2.1.2).
 
@@ -25,6 +25,7 @@ from torch import nn
 from deepseek_mini.attention import Attention
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.layers import MLP, Block, RMSNorm
+from deepseek_mini.mla import MLA
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
 __all__ = ["Transformer", "build_model", "count_parameters", "ParameterCount"]
@@ -32,10 +33,9 @@ __all__ = ["Transformer", "build_model", "count_parameters", "ParameterCount"]
 
 def _make_attention(config: ModelConfig) -> nn.Module:
     if config.uses_mla:
-        raise NotImplementedError(
-            f"kv_lora_rank={config.kv_lora_rank} asks for Multi-head Latent Attention, which "
-            "arrives with chapter 02 (notebooks/02_mla.ipynb); set kv_lora_rank=None for the "
-            "baseline attention of chapter 01")
+        return MLA(config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.q_lora_rank,
+                   config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
+                   config.rms_norm_eps, config.attn_impl)
     return Attention(config.hidden_size, config.num_attention_heads,
                      config.num_key_value_heads, bias=config.attention_bias)
 
