@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_rotation",
-           "check_causal_mask", "check_kv_cache_append", "check_top_p_filter"]
+           "check_causal_mask", "check_kv_cache_append", "check_top_p_filter",
+           "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention"]
 
 
 class CheckFailure(AssertionError):
@@ -174,3 +175,162 @@ def check_top_p_filter(top_p_filter: Callable) -> None:
     batch = torch.randn(4, 50)
     assert_tensor_close(ex, _call(ex, top_p_filter, batch, 0.9), reference(batch, 0.9), "top_p_filter(batch, 0.9)")
     _passed(ex, "keeps exactly the nucleus, in the original order")
+
+
+# ----------------------------------------------------------------------- chapter 02
+
+
+def check_split_query(split_query: Callable) -> None:
+    """Exercise 02.1: q (B, T, H*(d_h + d_h^R)) -> q_nope (B, T, H, d_h), q_rope (B, T, H, d_h^R)."""
+    from deepseek_mini.mla import MLA
+
+    ex = "split_query"
+    layout_hint = ("the features are laid out heads first: [head 0: d_h nope, d_h^R rope | head 1: ...]; "
+                   "reshape to (B, T, H, d_h + d_h^R) first, then split the last dimension")
+    q = torch.arange(10.0).view(1, 1, 10)             # 2 heads of 3 nope + 2 rope features
+    result = _call(ex, split_query, q, 2, 3)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        _fail(ex, f"should return a (q_nope, q_rope) tuple, got {type(result).__name__}")
+    q_nope, q_rope = result
+    assert_tensor_close(ex, q_nope, torch.tensor([[[[0.0, 1, 2], [5, 6, 7]]]]),
+                        "q_nope of q = arange(10) with 2 heads, d_h = 3, d_h^R = 2", hint=layout_hint)
+    assert_tensor_close(ex, q_rope, torch.tensor([[[[3.0, 4], [8, 9]]]]),
+                        "q_rope of q = arange(10) with 2 heads, d_h = 3, d_h^R = 2", hint=layout_hint)
+    torch.manual_seed(0)
+    mla = MLA(dim=16, n_heads=4, kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6)
+    x = torch.randn(2, 5, 16)
+    no_rotation = (torch.ones(5, 2), torch.zeros(5, 2))  # cos 1, sin 0: RoPE leaves q_rope as it is
+    with torch.no_grad():
+        expected_nope, expected_rope = mla.query(x, no_rotation)
+        q_nope, q_rope = _call(ex, split_query, mla.wq(x), 4, 6)
+    assert_tensor_close(ex, q_nope, expected_nope, "q_nope (4 heads, d_h = 6) vs MLA.query", hint=layout_hint)
+    assert_tensor_close(ex, q_rope, expected_rope, "q_rope (4 heads, d_h^R = 4) vs MLA.query", hint=layout_hint)
+    _passed(ex, "splits every head into its nope and rope parts, like MLA.query")
+
+
+def check_mla_cache_bytes(mla_cache_bytes: Callable) -> None:
+    """Exercise 02.2: bytes cached per token = (d_c + d_h^R) * layers * bytes per value."""
+    ex = "mla_cache_bytes"
+    cases = [  # kv_lora_rank, qk_rope_head_dim, num_layers, bytes_per_value (None: the default 2), bytes/token
+        (512, 64, 61, None, 70_272),   # DeepSeek-V3 in BF16: (512 + 64) * 61 * 2
+        (7, 3, 5, 4, 200),             # (7 + 3) * 5 * 4
+        (32, 16, 4, 2, 384),           # toy-mla in BF16: (32 + 16) * 4 * 2
+    ]
+    for d_c, d_r, layers, nbytes, expected in cases:
+        args = (d_c, d_r, layers) if nbytes is None else (d_c, d_r, layers, nbytes)
+        b = 2 if nbytes is None else nbytes
+        got = _call(ex, mla_cache_bytes, *args)
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            _fail(ex, f"should return a number of bytes, got {type(got).__name__}")
+        if got == expected:
+            continue
+        call = f"mla_cache_bytes({', '.join(map(str, args))})"
+        mistakes = {d_c * layers * b: "the cache holds k_rope (d_h^R values) next to c_kv: count d_c + d_h^R",
+                    (d_c + d_r) * b: "every layer keeps its own cache: multiply by num_layers",
+                    (d_c + d_r) * layers: "multiply the number of values by bytes_per_value (2 in BF16)",
+                    d_c * b: "count k_rope next to c_kv, and multiply by num_layers"}
+        hint = mistakes.get(got, "bytes per token = (kv_lora_rank + qk_rope_head_dim) * num_layers * bytes_per_value")
+        if nbytes is None and got == (d_c + d_r) * layers * 4:
+            hint = "bytes_per_value should default to 2 (BF16)"
+        _fail(ex, f"{call} returned {got:,}, expected {expected:,}", hint)
+    _passed(ex, "70,272 bytes per token for DeepSeek-V3 (61 layers, BF16), and the hand-computed cases")
+
+
+def check_absorb_query(absorb_query: Callable) -> None:
+    """Exercise 02.3: q_latent[b, t, h] = W^{UK}_h^T q_nope[b, t, h], shape (B, T, H, d_c)."""
+    from deepseek_mini.mla import MLA
+
+    ex = "absorb_query"
+    torch.manual_seed(0)
+    mla = MLA(dim=16, n_heads=3, kv_lora_rank=7, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4)
+    w_uk = mla.up_weights()[0].detach()                   # (H=3, d_h=4, d_c=7)
+    q_nope, c_kv = torch.randn(2, 5, 3, 4), torch.randn(2, 6, 7)
+    got = _call(ex, absorb_query, q_nope, w_uk)
+    if not isinstance(got, torch.Tensor):
+        _fail(ex, f"should return a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != (2, 5, 3, 7):
+        _fail(ex, f"q_latent has shape {tuple(got.shape)}, expected (2, 5, 3, 7) = (B, T, H, d_c)",
+              "contract q_nope's d_h with w_uk's d_h, head by head, keeping b, t and h: einsum 'bthd,hdc->bthc'")
+    # The property: q_latent . c_kv equals q_nope . k_nope with the explicit keys k_nope = W^{UK} c_kv (eq. 2).
+    k_nope = torch.einsum("bsc,hdc->bshd", c_kv, w_uk)
+    latent_scores = torch.einsum("bthc,bsc->bhts", got, c_kv)
+    explicit_scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
+    bad = ~torch.isclose(latent_scores, explicit_scores, atol=1e-4, rtol=1e-4)
+    if bad.any():
+        b, h, t, s = (int(i) for i in bad.nonzero()[0])
+        wrong_heads = sorted({int(i) for i in bad.nonzero()[:, 1]})
+        hint = ("q_latent = W^UK_h^T q_nope: sum over d_h, not over d_c (w_uk is (H, d_h, d_c))"
+                if len(wrong_heads) == 3 else
+                f"heads {wrong_heads} are wrong: use each head's own W^UK_h (h in both einsum inputs and the output)")
+        got_s, expected_s = latent_scores[b, h, t, s].item(), explicit_scores[b, h, t, s].item()
+        _fail(ex, "the absorption identity fails: q_latent . c_kv should equal q_nope . k_nope with "
+                  f"k_nope = W^UK c_kv; first at batch {b}, head {h}, query {t}, key {s}: "
+                  f"got {got_s:.6g}, expected {expected_s:.6g}", hint)
+    assert_tensor_close(ex, got, torch.einsum("bthd,hdc->bthc", q_nope, w_uk), "q_latent")
+    _passed(ex, "q_latent . c_kv equals q_nope . (W^UK c_kv) for every head, query and key")
+
+
+def _absorbed_mistakes(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale) -> list[tuple[str, torch.Tensor]]:
+    """The outputs of the usual wrong versions of absorbed attention, each with the hint that fixes it."""
+    def attend(scores, allowed=mask, dim=-1, w_out=w_uv):
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=dim)
+        return torch.einsum("bhts,bsc,hdc->bthd", probs, c_kv, w_out)
+
+    nope = torch.einsum("bthd,hdc,bsc->bhts", q_nope, w_uk, c_kv)
+    rope = torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+    scores = (nope + rope) * scale
+    swapped = (torch.einsum("bthd,hdc,bsc->bhts", q_nope, w_uv, c_kv) + rope) * scale
+    part_scaled = "scale the whole score, (q_latent . c_kv + q_rope . k_rope) * scale, not only one of its terms"
+    return [
+        ("the RoPE term is missing: score = (q_latent . c_kv + q_rope . k_rope) * scale", attend(nope * scale)),
+        ("the scores are not multiplied by `scale`", attend(nope + rope)),
+        (part_scaled, attend(nope * scale + rope)),
+        (part_scaled, attend(nope + rope * scale)),
+        ("`mask` is ignored: set the scores to -inf where mask is False, before the softmax",
+         attend(scores, torch.ones_like(mask))),
+        ("use the `mask` argument: a square lower-triangular mask ignores the cached positions",
+         attend(scores, torch.ones_like(mask).tril())),
+        ("the mask is inverted: True means 'may attend', so fill -inf where the mask is False (~mask)",
+         attend(scores, ~mask)),
+        ("the softmax runs over the wrong dimension: normalise over the keys (s in 'bhts')", attend(scores, dim=-2)),
+        ("W^UK and W^UV are swapped: fold w_uk into the query and apply w_uv after the weighted sum",
+         attend(swapped, w_out=w_uk)),
+    ]
+
+
+def check_absorbed_attention(absorbed_attention: Callable) -> None:
+    """Exercise 02.4: attention in latent space equals attention on up-projected keys and values."""
+    from deepseek_mini.attention import causal_mask
+    from deepseek_mini.mla import absorbed_attention as reference, naive_attention
+
+    ex = "absorbed_attention"
+    B, H, d_h, d_r, d_c = 2, 3, 4, 2, 7
+    scale = (d_h + d_r) ** -0.5
+    torch.manual_seed(0)
+    w_uk, w_uv = torch.randn(H, d_h, d_c) * 0.5, torch.randn(H, d_h, d_c) * 0.5
+    for T, S, offset, case in ((5, 5, 0, "prefill, 5 tokens"), (2, 6, 4, "2 new tokens after 4 cached")):
+        q_nope, q_rope = torch.randn(B, T, H, d_h), torch.randn(B, T, H, d_r)
+        c_kv, k_rope = torch.randn(B, S, d_c), torch.randn(B, S, d_r)
+        mask = causal_mask(T, S, offset)
+        args = (q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, scale)
+        got = _call(ex, absorbed_attention, *args)
+        # The equivalence: explicit per-head keys [W^UK c_kv; k_rope] and values W^UV c_kv (eqs. 2, 4, 5).
+        k = torch.cat([torch.einsum("bsc,hdc->bshd", c_kv, w_uk), k_rope[:, :, None].expand(-1, -1, H, -1)], -1)
+        v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)
+        expected = naive_attention(torch.cat([q_nope, q_rope], -1), k, v, mask, scale)
+        hint = "o[b, t, h] = W^UV_h (sum_s p[b, h, t, s] c_kv[b, s]) with p = softmax over s of the masked scores"
+        if isinstance(got, torch.Tensor):
+            if tuple(got.shape) == (B, T, H, d_c):
+                hint = "this is the output in latent space (d_c): project it back with each head's W^UV_h"
+            elif tuple(got.shape) == (B, H, T, d_h):
+                hint = "return (B, T, H, d_h): tokens before heads"
+            elif tuple(got.shape) == tuple(expected.shape) and not torch.allclose(got, expected, atol=1e-5):
+                for mistake_hint, wrong in _absorbed_mistakes(*args):
+                    if torch.allclose(got, wrong, atol=1e-5, equal_nan=True):
+                        hint = mistake_hint
+                        break
+        assert_tensor_close(ex, got, expected, f"output ({case}) vs naive attention on up-projected keys and values",
+                            hint=hint)
+        assert_tensor_close(ex, got, reference(*args), f"output ({case}) vs the package's absorbed_attention",
+                            hint=hint)
+    _passed(ex, "equals attention on explicit keys [W^UK c_kv; k_rope] and values W^UV c_kv, without forming them")

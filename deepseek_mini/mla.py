@@ -79,7 +79,8 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.T
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                     # (B, T, H, d_c)
     scores = (torch.einsum("bthc,bsc->bhts", q_latent, c_kv)
               + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)) * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).type_as(scores)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)             # bf16 -> fp32; fp64 stays
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=softmax_dtype).type_as(scores)
     o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)                    # (B, T, H, d_c)
     return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)
 
@@ -162,17 +163,16 @@ class MLA(nn.Module):
         """x (B, T, dim) at positions start_pos.. -> (B, T, dim), by the path ``attn_impl`` names."""
         q_nope, q_rope = self.query(x, rope)
         c_kv, k_rope = self.latent(x, rope)
-        w_uk, w_uv = self.up_weights()
         q_offset = start_pos if cache is not None else 0     # without a cache, keys start at start_pos too
         if self.attn_impl == "absorb":
             if cache is not None:
                 c_kv, k_rope = cache.update(c_kv, k_rope, start_pos)
             mask = causal_mask(x.shape[1], c_kv.shape[1], q_offset, x.device)
-            out = absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, self.softmax_scale)
+            out = absorbed_attention(q_nope, q_rope, c_kv, k_rope, *self.up_weights(), mask, self.softmax_scale)
         else:
-            k_rope_heads = k_rope[:, :, None].expand(-1, -1, self.n_heads, -1)
-            k = torch.cat([torch.einsum("bsc,hdc->bshd", c_kv, w_uk), k_rope_heads], dim=-1)   # eqs. 2, 4
-            v = torch.einsum("bsc,hdc->bshd", c_kv, w_uv)                                     # eq. 5
+            kv = rearrange(self.wkv_b(c_kv), "b s (h d) -> b s h d", h=self.n_heads)         # eqs. 2, 5
+            k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+            k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)  # eq. 4
             if cache is not None:
                 k, v = cache.update(*(rearrange(t, "b s h d -> b h s d") for t in (k, v)), start_pos)
                 k, v = (rearrange(t, "b h s d -> b s h d") for t in (k, v))

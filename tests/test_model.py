@@ -88,13 +88,13 @@ def test_build_on_meta_device(name):
 
 
 def test_deepseek_v3_on_meta_builds_or_says_which_chapter():
-    # CHAPTER-DEPENDENT: MLA (chapter 02) and DeepSeekMoE (chapter 03) are not implemented yet,
-    # so today build_model must refuse with a message that names chapter 02. When they land,
+    # CHAPTER-DEPENDENT: MLA (chapter 02) is built; DeepSeekMoE (chapter 03) is not implemented
+    # yet, so today build_model must refuse with a message that names chapter 03. When it lands,
     # the other branch checks the 671B total (REFERENCE.md, derived: 671.03B).
     try:
         m = build_model("deepseek-v3", device="meta")
     except NotImplementedError as exc:
-        assert "chapter 02" in str(exc) and "kv_lora_rank" in str(exc)
+        assert "chapter 03" in str(exc) and "n_routed_experts" in str(exc)
     else:
         assert abs(count_parameters(m).total - 671.03e9) < 0.02e9
 
