@@ -16,9 +16,11 @@ Switches:
 * ``num_nextn_predict_layers`` -> Multi-Token Prediction depth D (chapter 04, §2.2).
 * ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
 
-Presets: ``"toy"`` trains on a laptop CPU in minutes (``"toy-mla"`` is the same with
-Multi-head Latent Attention), ``"mini"`` fits one GPU in bf16, ``"deepseek-v3"`` is the 671B model with every value from the official config
-(arXiv 2412.19437 §4.2; ``config_671B.json``; HF ``config.json``).
+Presets: ``"toy"`` is a small DeepSeek (MLA + DeepSeekMoE) that trains on a laptop CPU in
+minutes; ``"toy-dense"`` is chapter 01's baseline (MHA, dense FFN) and ``"toy-mla"`` chapter
+02's (MLA, dense FFN) on the same trunk; ``"mini"`` is a dense baseline for one GPU in bf16;
+``"deepseek-v3"`` is the 671B model with every value from the official config (arXiv
+2412.19437 §4.2; ``config_671B.json``; HF ``config.json``).
 """
 
 from __future__ import annotations
@@ -353,8 +355,8 @@ def _from_official(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _toy() -> ModelConfig:
-    """Chapter 01's baseline: 4 layers, d=128, byte vocabulary; ~0.9M parameters, CPU-trainable."""
+def _toy_dense() -> ModelConfig:
+    """Chapter 01's baseline: 4 layers, d=128, MHA, dense SwiGLU, byte vocabulary; ~0.9M parameters."""
     return ModelConfig(
         vocab_size=260, hidden_size=128, num_hidden_layers=4, intermediate_size=384,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -363,13 +365,26 @@ def _toy() -> ModelConfig:
 
 
 def _toy_mla() -> ModelConfig:
-    """Chapter 02's toy with Multi-head Latent Attention: same trunk as "toy", d_c = 32, d_h^R = 16.
+    """Chapter 02's baseline with Multi-head Latent Attention: same trunk, d_c = 32, d_h^R = 16.
 
     The latent cache holds 32 + 16 = 48 values per token per layer, against 2 * 4 * 32 = 256
     for the toy's multi-head attention.
     """
-    return _toy().replace(kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=32,
-                          qk_rope_head_dim=16, v_head_dim=32)
+    return _toy_dense().replace(kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=32,
+                                qk_rope_head_dim=16, v_head_dim=32)
+
+
+def _toy() -> ModelConfig:
+    """A small DeepSeek: MLA in every layer, DeepSeekMoE from layer 1 on (chapter 03).
+
+    V3's shape in miniature: one shared and 16 routed experts of width 64 per MoE layer,
+    top-4 routing limited to 2 of 4 groups (V3: 1 + 256, top-8, 4 of 8 groups), sigmoid
+    affinities, gates scaled by 2.5, one dense layer first (V3: three).
+    """
+    return _toy_mla().replace(
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        moe_intermediate_size=64, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True)
 
 
 def _mini() -> ModelConfig:
@@ -401,7 +416,8 @@ def _deepseek_v3() -> ModelConfig:
     )
 
 
-PRESETS = {"toy": _toy, "toy-mla": _toy_mla, "mini": _mini, "deepseek-v3": _deepseek_v3}
+PRESETS = {"toy": _toy, "toy-dense": _toy_dense, "toy-mla": _toy_mla, "mini": _mini,
+           "deepseek-v3": _deepseek_v3}
 
 
 def preset_names() -> list[str]:

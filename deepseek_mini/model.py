@@ -8,7 +8,7 @@ config *fields*, never from sizes:
 * attention: baseline MHA/GQA (``kv_lora_rank is None``) or Multi-head Latent Attention
   (chapter 02, DeepSeek-V3 §2.1.1), naive or absorbed by ``attn_impl``;
 * feed-forward: the dense SwiGLU MLP, or DeepSeekMoE from layer ``first_k_dense_replace``
-  on (chapter 03, §2.1.2).
+  on when ``n_routed_experts`` is set (chapter 03, §2.1.2).
 
 Construction never initialises weights; ``init_weights`` does (the torchtitan pattern),
 so ``build_model(config, device="meta")`` lays out even the 671B model instantly and
@@ -26,6 +26,7 @@ from deepseek_mini.attention import Attention
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.layers import MLP, Block, RMSNorm
 from deepseek_mini.mla import MLA
+from deepseek_mini.moe import Gate, MoE
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
 __all__ = ["Transformer", "build_model", "count_parameters", "ParameterCount"]
@@ -41,12 +42,15 @@ def _make_attention(config: ModelConfig) -> nn.Module:
 
 
 def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
-    if config.is_moe_layer(layer_id):
-        raise NotImplementedError(
-            f"n_routed_experts={config.n_routed_experts} asks for DeepSeekMoE layers, which "
-            "arrive with chapter 03 (notebooks/03_moe.ipynb); set n_routed_experts=None for "
-            "dense SwiGLU layers")
-    return MLP(config.hidden_size, config.intermediate_size)
+    if not config.is_moe_layer(layer_id):
+        return MLP(config.hidden_size, config.intermediate_size)
+    if config.topk_method == "group_limited_greedy":
+        raise ValueError("topk_method 'group_limited_greedy' is DeepSeek-V2's router, which deepseek_mini "
+                         "does not build; use 'noaux_tc' (V3, group-limited with the balancing bias) or 'greedy'")
+    n_group, topk_group = (config.n_group, config.topk_group) if config.topk_method == "noaux_tc" else (1, 1)
+    return MoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
+               config.n_shared_experts, config.num_experts_per_tok, n_group, topk_group,
+               config.routed_scaling_factor, config.scoring_func, config.norm_topk_prob)
 
 
 def _rope_dim(config: ModelConfig) -> int:
@@ -94,6 +98,11 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, Gate):    # router centroids e_i like any weight; the balancing bias b_i = 0
+                module.weight.normal_(0.0, std, generator=generator)
+                module.bias.zero_()
+            elif isinstance(module, MoE):     # load counters: to_empty() left them uninitialised
+                module.tokens_per_expert.zero_()
         cos, sin = self._rope_tables()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -155,6 +164,9 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
         model.init_weights(generator)
     if dtype is not None:
         model = model.to(dtype)
+        for module in model.modules():    # the balancing bias stays FP32: bf16 would round away
+            if isinstance(module, Gate):  # updates of gamma = 0.001 (REFERENCE.md: FP32 buffer)
+                module.bias.data = module.bias.data.float()
     return model
 
 

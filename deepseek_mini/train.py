@@ -39,6 +39,7 @@ from deepseek_mini.data import (EOS_ID, Batcher, ByteTokenizer, TokenStream, eva
                                 unigram_entropy)
 from deepseek_mini.generate import generate
 from deepseek_mini.model import build_model, count_parameters
+from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_biases
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "evaluate_by_domain", "lr_schedule",
            "select_device", "save_checkpoint", "load_checkpoint", "main"]
@@ -72,6 +73,11 @@ class TrainConfig:
     out_dir: str | None = None         # where checkpoints, metrics.jsonl and loss.png go
     checkpoint_every: int = 0          # also keep checkpoint-NNNNNN.pt every N steps (0: only the final one)
     progress: bool = True
+    # DeepSeekMoE load balancing (§2.1.2; ignored by dense models). The defaults are V3's recipe:
+    # the auxiliary-loss-free bias update plus a tiny sequence-wise balance loss.
+    bias_update_speed: float = 0.001   # gamma; 0 turns the bias update off
+    balance_loss: str = "sequence"     # "sequence" (eqs. 17-20), "batch" (conventional aux loss) or "none"
+    balance_loss_alpha: float = 1e-4   # alpha (V3: 0.0001)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_docs"):
@@ -89,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError(f"weight_decay ({self.weight_decay}) must be >= 0 and grad_clip ({self.grad_clip}) > 0")
+        if not self.bias_update_speed >= 0 or not self.balance_loss_alpha >= 0:
+            raise ValueError(f"bias_update_speed ({self.bias_update_speed}) and balance_loss_alpha "
+                             f"({self.balance_loss_alpha}) must be >= 0")
+        if self.balance_loss not in ("sequence", "batch", "none"):
+            raise ValueError(f"balance_loss ({self.balance_loss!r}) must be 'sequence', 'batch' or 'none'")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
@@ -254,6 +265,9 @@ def train(model_config: ModelConfig | str, train_config: TrainConfig | None = No
     batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     history: dict[str, list[float]] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "val_loss": []}
+    is_moe = bool(moe_layers(model))
+    if is_moe:   # per step: MaxVio of the batch (mean over MoE layers) and the balance loss added
+        history |= {"maxvio": [], "balance_loss": []}
     start_step = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -280,8 +294,9 @@ def train(model_config: ModelConfig | str, train_config: TrainConfig | None = No
         x, y, _ = batcher.next_batch()
         with _autocast(device):
             loss = _loss(model, x.to(device), y.to(device))
+            bal = balance_loss(model, cfg.balance_loss, cfg.balance_loss_alpha) if is_moe else None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if bal is None else loss + bal).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         loss_value = loss.item()
@@ -290,12 +305,19 @@ def train(model_config: ModelConfig | str, train_config: TrainConfig | None = No
         history["lr"].append(lr)
         record: dict[str, Any] = {"step": step + 1, "train_loss": loss_value, "lr": lr,
                                   "tokens": (step + 1) * cfg.batch_size * cfg.seq_len}
+        if is_moe:   # once per optimizer step, from the whole step's load (§2.1.2)
+            loads = update_biases(model, cfg.bias_update_speed)
+            record["maxvio"] = sum(max_violation(load) for load in loads) / len(loads)
+            record["balance_loss"] = 0.0 if bal is None else bal.item()
+            history["maxvio"].append(record["maxvio"])
+            history["balance_loss"].append(record["balance_loss"])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = evaluate(model, val_batches, device)
             history["eval_step"].append(step + 1)
             history["val_loss"].append(val)
             record["val_loss"] = val
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}",
+                            **({"maxvio": f"{record['maxvio']:.2f}"} if is_moe else {}))
         _append_metrics(out_dir, record)
         if out_dir is not None:
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
@@ -316,7 +338,12 @@ def plot_losses(result: TrainResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     h = result.history
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if "maxvio" in h:   # MoE: loss and expert balance side by side
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax2.plot(h["step"], h["maxvio"], lw=1)
+        ax2.set(xlabel="step", ylabel="MaxVio (max load / mean load - 1)", title="expert load balance (lower is better)")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(h["step"], h["train_loss"], lw=1, alpha=0.7, label="train")
     ax.plot(h["eval_step"], h["val_loss"], "o-", label="validation")
     ax.axhline(result.unigram_entropy, color="gray", ls="--", label="unigram entropy (no context)")
@@ -337,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a deepseek_mini model on the built-in synthetic corpus (or your own text "
                     "file), print samples, and write metrics, a checkpoint and a loss plot.",
         epilog="examples:\n"
-               "  python -m deepseek_mini.train                        # toy model on CPU, ~3 min on 2 cores\n"
+               "  python -m deepseek_mini.train                        # toy DeepSeek (MLA + MoE) on CPU, ~4 min on 2 cores\n"
                "  python -m deepseek_mini.train --steps 200 --out runs/quick\n"
                "  python -m deepseek_mini.train --data my_text.txt --config toy\n"
                "  python -m deepseek_mini.train --resume runs/toy      # continue a saved run\n"
@@ -355,6 +382,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-every", type=int, default=defaults.eval_every, help=f"evaluate every N steps (default: {defaults.eval_every})")
     run.add_argument("--seed", type=int, default=defaults.seed, help="seed for data, initialisation and sampling (default: 0)")
     run.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    moe = parser.add_argument_group("load balancing (MoE models only; DeepSeek-V3 §2.1.2)")
+    moe.add_argument("--bias-update-speed", type=float, default=defaults.bias_update_speed, metavar="GAMMA",
+                     help=f"aux-loss-free bias update speed gamma, 0 = off (default: {defaults.bias_update_speed})")
+    moe.add_argument("--balance-loss", choices=("sequence", "batch", "none"), default=defaults.balance_loss,
+                     help="balance loss: sequence-wise (eqs. 17-20), batch (conventional auxiliary loss) "
+                          f"or none (default: {defaults.balance_loss})")
+    moe.add_argument("--balance-alpha", type=float, default=defaults.balance_loss_alpha, metavar="ALPHA",
+                     help=f"balance loss weight alpha (default: {defaults.balance_loss_alpha})")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic", help="'synthetic' (built-in 4-domain corpus) or a UTF-8 text file")
     data.add_argument("--n-docs", type=int, default=defaults.n_docs, help=f"synthetic documents to generate (default: {defaults.n_docs})")
@@ -373,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed,
                       device=args.device, data=args.data, n_docs=args.n_docs, out_dir=args.out,
-                      checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+                      checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                      bias_update_speed=args.bias_update_speed, balance_loss=args.balance_loss,
+                      balance_loss_alpha=args.balance_alpha)
     try:
         model_config = load_config(args.config)
         result = train(model_config, cfg, resume=args.resume)
@@ -386,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {cfg.steps} steps in {result.elapsed_s:.0f} s on {result.device}")
     print(f"validation loss {val:.3f} nats/token vs unigram entropy {result.unigram_entropy:.3f} "
           f"(a model that ignores context); {result.unigram_entropy - val:.3f} below it")
+    if "maxvio" in result.history:
+        last = result.history["maxvio"][-50:]
+        print(f"expert load balance: MaxVio {sum(last) / len(last):.3f} over the last {len(last)} steps "
+              f"(max/mean tokens per expert - 1; 0 = perfectly balanced)")
     tok = ByteTokenizer()
     device = next(result.model.parameters()).device
     print("\nsamples (greedy):")

@@ -63,7 +63,7 @@ def test_json_round_trip_for_every_preset(name, tmp_path):
 
 
 def test_presets_are_fresh_objects():
-    a, b = load_config("toy"), load_config("toy")
+    a, b = load_config("toy-dense"), load_config("toy-dense")
     assert a == b and a is not b
     assert set(preset_names()) == set(PRESETS) >= {"toy", "mini", "deepseek-v3"}
 
@@ -245,12 +245,12 @@ INVALID = {
 @pytest.mark.parametrize("overrides,pattern", list(INVALID.values()), ids=list(INVALID))
 def test_invalid_values_raise_naming_field_and_value(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
-        load_config("toy", **overrides)
+        load_config("toy-dense", **overrides)
 
 
 @pytest.mark.parametrize("overrides,pattern", list(INVALID.values()), ids=list(INVALID))
 def test_invalid_values_raise_from_the_constructor_too(overrides, pattern):
-    base = load_config("toy").to_dict()
+    base = load_config("toy-dense").to_dict()
     with pytest.raises(ValueError, match=pattern):
         ModelConfig(**(base | overrides))
 
@@ -259,16 +259,16 @@ def test_invalid_values_raise_from_the_constructor_too(overrides, pattern):
                                        dict(num_key_value_heads=1), dict(MOE, first_k_dense_replace=4)],
                          ids=["moe", "mla", "yarn", "gqa", "mqa", "all_dense_moe"])
 def test_the_valid_neighbours_of_those_errors_pass(overrides):
-    c = load_config("toy", **overrides)
+    c = load_config("toy-dense", **overrides)
     for key, value in overrides.items():
         assert getattr(c, key) == value
 
 
 def test_validation_lists_valid_choices():
     with pytest.raises(ValueError, match=re.escape("valid values: [1, 2, 4]")):
-        load_config("toy", num_key_value_heads=3)
+        load_config("toy-dense", num_key_value_heads=3)
     with pytest.raises(ValueError, match=re.escape("valid n_group values: [1, 2, 3, 6]")):
-        load_config("toy", **(MOE | dict(n_routed_experts=6, n_group=4)))
+        load_config("toy-dense", **(MOE | dict(n_routed_experts=6, n_group=4)))
 
 
 @pytest.mark.parametrize("name,suggestion", [("deepseek-v2", "deepseek-v3"), ("toyy", "toy")])
@@ -311,7 +311,7 @@ def test_json_that_is_not_an_object_is_rejected(tmp_path):
 
 
 def test_unknown_field_in_json_suggests_the_close_match(tmp_path):
-    data = load_config("toy").to_dict()
+    data = load_config("toy-dense").to_dict()
     data["hidden_sise"] = data.pop("hidden_size")
     path = tmp_path / "typo.json"
     path.write_text(json.dumps(data))
@@ -320,7 +320,7 @@ def test_unknown_field_in_json_suggests_the_close_match(tmp_path):
 
 
 def test_invalid_value_in_json_is_reported(tmp_path):
-    data = load_config("toy").to_dict() | {"hidden_size": -4}
+    data = load_config("toy-dense").to_dict() | {"hidden_size": -4}
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=_esc("hidden_size", "-4")):
@@ -328,14 +328,14 @@ def test_invalid_value_in_json_is_reported(tmp_path):
 
 
 def test_replace_changes_fields_revalidates_and_rejects_unknown():
-    base = load_config("toy")
+    base = load_config("toy-dense")
     changed = base.replace(num_hidden_layers=2)
     assert changed.num_hidden_layers == 2 and base.num_hidden_layers == 4
-    assert load_config("toy", num_hidden_layers=2) == changed
+    assert load_config("toy-dense", num_hidden_layers=2) == changed
     with pytest.raises(ValueError, match=_esc("'hidden_sise'", "did you mean 'hidden_size'")):
         base.replace(hidden_sise=64)
     with pytest.raises(ValueError, match=_esc("unknown config field", "bogus_field")):
-        load_config("toy", bogus_field=1)
+        load_config("toy-dense", bogus_field=1)
     with pytest.raises(ValueError, match=_esc("hidden_size", "-1")):
         base.replace(hidden_size=-1)
 

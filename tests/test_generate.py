@@ -16,7 +16,7 @@ NEG_INF = float("-inf")
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(load_config("toy", **TINY), seed=0).eval()
+    return build_model(load_config("toy-dense", **TINY), seed=0).eval()
 
 
 def kept(filtered: torch.Tensor) -> list[int]:
@@ -123,7 +123,7 @@ class Scripted(nn.Module):
     def __init__(self, script: list[list[int]], vocab: int = 10) -> None:
         super().__init__()
         self.script, self.vocab, self.calls = script, vocab, 0
-        self.config = load_config("toy", **TINY)
+        self.config = load_config("toy-dense", **TINY)
 
     def new_cache(self, batch_size, max_len=None):
         return None
@@ -157,7 +157,7 @@ def test_generation_ends_when_every_row_has_stopped():
 def test_stop_token_with_a_real_model_whose_head_is_rigged():
     # Zero head + a bias on token 258 (eos): every position's argmax is 258, so greedy
     # decoding stops after one token even though 5 were allowed.
-    m = build_model(load_config("toy", **TINY), seed=0).eval()
+    m = build_model(load_config("toy-dense", **TINY), seed=0).eval()
     with torch.no_grad():
         m.head.weight.zero_()
     bias = torch.zeros(260)

@@ -398,7 +398,7 @@ def test_bad_dimensions_raise_clear_errors(kwargs, pattern):
 
 def test_config_rejects_bad_mla_fields():
     with pytest.raises(ValueError, match=r"kv_lora_rank \(200\).*hidden_size \(128\)"):
-        load_config("toy", kv_lora_rank=200)
+        load_config("toy-dense", kv_lora_rank=200)
     with pytest.raises(ValueError, match=r"q_lora_rank \(128\)"):
         load_config("toy-mla", q_lora_rank=128)
     with pytest.raises(ValueError, match=r"qk_rope_head_dim \(15\)"):

@@ -17,7 +17,7 @@ TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermed
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(load_config("toy", **TINY), seed=0).eval()
+    return build_model(load_config("toy-dense", **TINY), seed=0).eval()
 
 
 def dense_param_formula(V: int, d: int, L: int, d_ff: int, n_heads: int, n_kv: int) -> int:
@@ -49,7 +49,7 @@ def test_head_is_untied(model):
 
 
 def test_tied_head_shares_the_embedding_and_counts_once():
-    config = load_config("toy", **TINY, tie_word_embeddings=True)
+    config = load_config("toy-dense", **TINY, tie_word_embeddings=True)
     m = build_model(config, seed=0)
     assert m.head.weight is m.embed.weight
     untied = dense_param_formula(260, 32, 2, 64, 4, 4)
@@ -58,7 +58,7 @@ def test_tied_head_shares_the_embedding_and_counts_once():
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_count_parameters_equals_hand_formula(n_kv):
-    config = load_config("toy", **TINY, num_key_value_heads=n_kv)
+    config = load_config("toy-dense", **TINY, num_key_value_heads=n_kv)
     expected = dense_param_formula(260, 32, 2, 64, 4, n_kv)
     built = build_model(config, seed=0)
     assert sum(p.numel() for p in built.parameters()) == expected
@@ -71,10 +71,10 @@ def test_count_parameters_equals_hand_formula(n_kv):
 def test_count_parameters_of_full_toy_preset():
     # 4 layers, d=128, d_ff=384, 4 heads, V=260 (the docstring's "~0.9M").
     expected = dense_param_formula(260, 128, 4, 384, 4, 4)
-    assert count_parameters("toy").total == expected == 4 * (4 * 128**2 + 3 * 128 * 384 + 256) + 2 * 260 * 128 + 128
+    assert count_parameters("toy-dense").total == expected == 4 * (4 * 128**2 + 3 * 128 * 384 + 256) + 2 * 260 * 128 + 128
 
 
-@pytest.mark.parametrize("name", ["toy", "mini"])
+@pytest.mark.parametrize("name", ["toy-dense", "mini"])
 def test_build_on_meta_device(name):
     config = load_config(name)
     m = build_model(name, device="meta")
@@ -87,27 +87,30 @@ def test_build_on_meta_device(name):
     assert logits.shape == (2, 5, config.vocab_size) and logits.device.type == "meta"
 
 
-def test_deepseek_v3_on_meta_builds_or_says_which_chapter():
-    # CHAPTER-DEPENDENT: MLA (chapter 02) is built; DeepSeekMoE (chapter 03) is not implemented
-    # yet, so today build_model must refuse with a message that names chapter 03. When it lands,
-    # the other branch checks the 671B total (REFERENCE.md, derived: 671.03B).
-    try:
-        m = build_model("deepseek-v3", device="meta")
-    except NotImplementedError as exc:
-        assert "chapter 03" in str(exc) and "n_routed_experts" in str(exc)
-    else:
-        assert abs(count_parameters(m).total - 671.03e9) < 0.02e9
+def test_deepseek_v3_on_meta_builds_with_reference_counts():
+    # REFERENCE.md derived numbers: 671.03B total (main model, MTP excluded), 37.55B activated
+    # per token including embedding and head (8 of 256 routed experts + the shared one).
+    m = build_model("deepseek-v3", device="meta")
+    count = count_parameters(m)
+    assert round(count.total / 1e9, 2) == 671.03
+    assert round(count.activated / 1e9, 2) == 37.55
+    assert round((count.activated - count.embedding - count.head) / 1e9, 2) == 35.70
+    assert count.embedding == count.head == 129280 * 7168
 
 
-def test_moe_config_says_chapter_03():
-    config = load_config("toy", **TINY, n_routed_experts=4, num_experts_per_tok=2,
+def test_moe_layers_from_first_k_dense_replace():
+    from deepseek_mini.layers import MLP
+    from deepseek_mini.moe import MoE
+    config = load_config("toy-dense", **TINY, n_routed_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=16, first_k_dense_replace=1)
-    with pytest.raises(NotImplementedError, match="chapter 03"):
-        build_model(config, device="meta")
+    m = build_model(config, device="meta")
+    assert [type(layer.ffn) for layer in m.layers] == [MLP, MoE]
+    count = count_parameters(m)    # 2 of 4 routed experts (3 * 32 * 16 weights each) idle per token
+    assert count.total - count.activated == 2 * 3 * 32 * 16
 
 
 def test_build_model_accepts_dtype():
-    m = build_model(load_config("toy", **TINY), seed=0, dtype=torch.bfloat16)
+    m = build_model(load_config("toy-dense", **TINY), seed=0, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert m(torch.randint(0, 260, (1, 4))).dtype == torch.bfloat16
     assert m.new_cache(1, 8)[0].k.dtype == torch.bfloat16
@@ -148,7 +151,7 @@ def test_new_cache_shape_and_limits(model):
 
 
 def test_seeded_build_is_deterministic_and_seeds_differ():
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     a, b, c = build_model(config, seed=0), build_model(config, seed=0), build_model(config, seed=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys() == sc.keys()
@@ -159,13 +162,13 @@ def test_seeded_build_is_deterministic_and_seeds_differ():
 
 def test_seeded_build_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
-    build_model(load_config("toy", **TINY), seed=3)
+    build_model(load_config("toy-dense", **TINY), seed=3)
     assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("std", [0.02, 0.006])
 def test_init_weights_std_follows_initializer_range(std):
-    config = load_config("toy", num_hidden_layers=1, hidden_size=256, intermediate_size=768,
+    config = load_config("toy-dense", num_hidden_layers=1, hidden_size=256, intermediate_size=768,
                          initializer_range=std)
     m = build_model(config, seed=0)
     for name, p in m.named_parameters():
@@ -178,7 +181,7 @@ def test_init_weights_std_follows_initializer_range(std):
 
 
 def test_init_weights_resets_norm_gains():
-    m = build_model(load_config("toy", **TINY), seed=0)
+    m = build_model(load_config("toy-dense", **TINY), seed=0)
     with torch.no_grad():
         m.norm.weight.fill_(5.0)
     m.init_weights(torch.Generator().manual_seed(0))
