@@ -164,9 +164,11 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
         model.init_weights(generator)
     if dtype is not None:
         model = model.to(dtype)
-        for module in model.modules():    # the balancing bias stays FP32: bf16 would round away
-            if isinstance(module, Gate):  # updates of gamma = 0.001 (REFERENCE.md: FP32 buffer)
-                module.bias.data = module.bias.data.float()
+        for module in model.modules():    # balancing state stays FP32: bf16 would round away bias
+            if isinstance(module, Gate):  # updates of gamma = 0.001 (REFERENCE.md: FP32 buffer) and
+                module.bias.data = module.bias.data.float()   # miscount loads above 256 tokens
+            elif isinstance(module, MoE):
+                module.tokens_per_expert.data = module.tokens_per_expert.data.float()
     return model
 
 

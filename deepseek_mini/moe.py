@@ -91,8 +91,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> gates (T, K), expert indices (T, K), affinities s (T, N_r)."""
-        with torch.autocast("cuda", enabled=False):   # the router stays in FP32 under bf16 autocast
-            logits = F.linear(x.float(), self.weight.float())
+        dtype = torch.promote_types(x.dtype, torch.float32)   # bf16 -> fp32; fp64 stays fp64
+        with torch.autocast("cuda", enabled=False):           # the router stays in FP32 under bf16 autocast
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         indices = group_limited_topk(scores.detach() + self.bias, self.topk, self.n_group, self.topk_group)
         return routing_weights(scores, indices, self.route_scale, self.normalize), indices, scores
