@@ -40,7 +40,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_training_lowers_the_loss_below_the_unigram_baseline(data):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     result = train(config, tiny_run(steps=150, eval_every=50, batch_size=8, seq_len=48), data=data)
     losses = result.history["train_loss"]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0
@@ -49,7 +49,7 @@ def test_training_lowers_the_loss_below_the_unigram_baseline(data):
 
 
 def test_resume_gives_bit_identical_next_steps(data, tmp_path):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     straight = train(config, tiny_run(steps=12, checkpoint_every=6, out_dir=str(tmp_path / "a")), data=data)
     midway = tmp_path / "a" / "checkpoint-000006.pt"
     assert load_checkpoint(midway)["step"] == 6
@@ -63,7 +63,7 @@ def test_resume_gives_bit_identical_next_steps(data, tmp_path):
 
 
 def test_resume_in_place_does_not_duplicate_metrics(data, tmp_path):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     train(config, tiny_run(steps=8, checkpoint_every=4, out_dir=str(tmp_path)), data=data)
     train(config, tiny_run(steps=8, out_dir=str(tmp_path)), data=data, resume=tmp_path / "checkpoint-000004.pt")
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -71,7 +71,7 @@ def test_resume_in_place_does_not_duplicate_metrics(data, tmp_path):
 
 
 def test_metrics_jsonl_and_checkpoint(data, tmp_path):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     train(config, tiny_run(steps=6, eval_every=3, out_dir=str(tmp_path)), data=data)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -82,7 +82,7 @@ def test_metrics_jsonl_and_checkpoint(data, tmp_path):
 
 
 def test_same_seed_same_run_and_different_seed_differs(data):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     a = train(config, tiny_run(steps=4), data=data).history["train_loss"]
     b = train(config, tiny_run(steps=4), data=data).history["train_loss"]
     c = train(config, tiny_run(steps=4, seed=1), data=data).history["train_loss"]
@@ -90,7 +90,7 @@ def test_same_seed_same_run_and_different_seed_differs(data):
 
 
 def test_evaluate_by_domain_covers_every_domain(data):
-    config = load_config("toy", **TINY)
+    config = load_config("toy-dense", **TINY)
     result = train(config, tiny_run(steps=2), data=data)
     losses = evaluate_by_domain(result.model, data[1], batch_size=4, seq_len=32)
     assert set(losses) == set(data[1].domain_names)
@@ -109,12 +109,12 @@ def test_bad_train_config_raises(field, value, message):
 
 def test_seq_len_longer_than_the_model_raises(data):
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        train(load_config("toy", **TINY), tiny_run(seq_len=128), data=data)
+        train(load_config("toy-dense", **TINY), tiny_run(seq_len=128), data=data)
 
 
 def test_resume_from_missing_checkpoint_raises(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        train("toy", tiny_run(), resume=tmp_path / "nothing")
+        train("toy-dense", tiny_run(), resume=tmp_path / "nothing")
 
 
 def test_select_device_auto_on_cpu_machine():
@@ -126,7 +126,7 @@ def test_select_device_auto_on_cpu_machine():
 
 def test_cli_end_to_end(tmp_path, capsys):
     config_path = tmp_path / "tiny.json"
-    load_config("toy", **TINY).to_json(config_path)
+    load_config("toy-dense", **TINY).to_json(config_path)
     out = tmp_path / "run"
     code = main(["--config", str(config_path), "--steps", "8", "--batch-size", "4", "--seq-len", "32",
                  "--eval-every", "4", "--n-docs", "100", "--out", str(out), "--no-progress", "--samples", "2"])
@@ -165,3 +165,115 @@ def test_capped_evaluation_windows_span_the_whole_stream(data):
     starts = [int((val.tokens.unfold(0, 32, 1) == x[i]).all(1).nonzero()[0]) for x, _, _ in batches for i in range(4)]
     assert starts == sorted(starts) and starts[-1] > len(val) // 2
     assert all(b - a >= 32 for a, b in zip(starts, starts[1:]))      # no overlap
+
+
+
+# ----------------------------------------------------------------------------- DeepSeekMoE training
+# The toy preset (MLA + MoE) at tiny size: layer 0 dense, layer 1 MoE with 8 routed experts in 4 groups.
+TINY_MOE = dict(TINY, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16)
+GATE_BIAS = "layers.1.ffn.gate.bias"
+
+
+def moe_run(**overrides) -> TrainConfig:
+    return tiny_run(**{**dict(steps=2, batch_size=2, seq_len=16, eval_every=100), **overrides})
+
+
+def test_moe_run_records_maxvio_and_balance_loss_and_moves_the_bias(data):
+    result = train(load_config("toy", **TINY_MOE), moe_run(steps=4, bias_update_speed=0.01), data=data)
+    h = result.history
+    assert len(h["maxvio"]) == len(h["balance_loss"]) == 4
+    assert all(0 <= v <= 3 for v in h["maxvio"]) and max(h["maxvio"]) > 0   # top-2 of 8: MaxVio <= 8/2 - 1
+    assert all(0 < v <= 1e-4 * 8 / 2 for v in h["balance_loss"])   # default: sequence-wise, alpha 1e-4
+    bias = result.model.state_dict()[GATE_BIAS]
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0
+    steps = bias / 0.01               # each step moves each bias by -gamma, 0 or +gamma
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert steps.abs().max() <= 4
+
+
+def test_moe_run_with_gamma_zero_keeps_the_bias_exactly_zero(data):
+    result = train(load_config("toy", **TINY_MOE), moe_run(bias_update_speed=0.0), data=data)
+    assert torch.equal(result.model.state_dict()[GATE_BIAS], torch.zeros(8))
+    assert len(result.history["maxvio"]) == 2
+
+
+def test_evaluate_neither_moves_nor_counts_for_the_bias(data):
+    from deepseek_mini.data import eval_batches
+    from deepseek_mini.moe import moe_layers, update_biases
+    from deepseek_mini.train import evaluate
+
+    model = train(load_config("toy", **TINY_MOE), moe_run(bias_update_speed=0.01), data=data).model
+    layers = moe_layers(model)
+    before = [layer.gate.bias.clone() for layer in layers]
+    assert before[0].abs().max() > 0
+    evaluate(model, eval_batches(data[1], 2, 16, 2))
+    assert model.training                                 # evaluate restores train mode
+    assert all(torch.equal(layer.tokens_per_expert, torch.zeros(8)) for layer in layers)
+    update_biases(model, 0.5)                             # nothing was counted: nothing moves
+    assert all(torch.equal(layer.gate.bias, b) for layer, b in zip(layers, before))
+
+
+def test_moe_checkpoint_holds_the_biases_and_resume_is_bit_identical(data, tmp_path):
+    config = load_config("toy", **TINY_MOE)
+    run = dict(steps=6, eval_every=3, bias_update_speed=0.01, balance_loss_alpha=0.01)
+    straight = train(config, moe_run(checkpoint_every=3, out_dir=str(tmp_path / "a"), **run), data=data)
+    midway = load_checkpoint(tmp_path / "a" / "checkpoint-000003.pt")
+    assert midway["model"][GATE_BIAS].abs().max() > 0
+    assert torch.equal(load_checkpoint(tmp_path / "a")["model"][GATE_BIAS], straight.model.state_dict()[GATE_BIAS])
+    resumed = train(config, moe_run(out_dir=str(tmp_path / "b"), **run), data=data,
+                    resume=tmp_path / "a" / "checkpoint-000003.pt")
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and GATE_BIAS in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    for key in ("train_loss", "val_loss", "maxvio", "balance_loss"):
+        assert resumed.history[key] == straight.history[key], key
+
+
+@pytest.mark.parametrize("kind", ["batch", "sequence"])
+def test_balance_loss_kinds_are_recorded(data, kind):
+    history = train(load_config("toy", **TINY_MOE), moe_run(balance_loss=kind, balance_loss_alpha=0.1),
+                    data=data).history
+    # alpha * sum_i f_i P_i: sum_i f_i = N_r and P_i near 1/N_r give about alpha; at most alpha N_r / K_r
+    assert all(0.05 < v <= 0.4 for v in history["balance_loss"])
+
+
+def test_balance_loss_none_records_zero(data):
+    history = train(load_config("toy", **TINY_MOE), moe_run(balance_loss="none", balance_loss_alpha=0.1),
+                    data=data).history
+    assert history["balance_loss"] == [0.0, 0.0]
+
+
+def test_dense_run_records_no_moe_metrics(data):
+    history = train(load_config("toy-dense", **TINY), moe_run(), data=data).history
+    assert "maxvio" not in history and "balance_loss" not in history
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bias_update_speed", -0.001), ("bias_update_speed", float("nan")), ("balance_loss_alpha", -1.0),
+    ("balance_loss", "aux"),
+])
+def test_bad_moe_train_config_raises(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_cli_accepts_the_load_balancing_flags(tmp_path, capsys):
+    config_path = tmp_path / "tiny_moe.json"
+    load_config("toy", **TINY_MOE).to_json(config_path)
+    out = tmp_path / "run"
+    code = main(["--config", str(config_path), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--eval-every", "2", "--n-docs", "60", "--out", str(out), "--no-progress", "--samples", "0",
+                 "--bias-update-speed", "0", "--balance-loss", "batch", "--balance-alpha", "0.5"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "MaxVio" in printed
+    state = load_checkpoint(out)
+    assert state["train_config"]["bias_update_speed"] == 0.0
+    assert state["train_config"]["balance_loss"] == "batch" and state["train_config"]["balance_loss_alpha"] == 0.5
+    assert torch.equal(state["model"][GATE_BIAS], torch.zeros(8))          # gamma 0 from the flag
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["balance_loss"] > 0.2 and "maxvio" in r for r in records)  # alpha 0.5
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config_path), "--balance-loss", "aux"])
+    assert exit_info.value.code == 2 and "invalid choice: 'aux'" in capsys.readouterr().err
