@@ -22,7 +22,9 @@ import torch
 
 __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_rotation",
            "check_causal_mask", "check_kv_cache_append", "check_top_p_filter",
-           "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention"]
+           "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention",
+           "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
+           "check_max_violation"]
 
 
 class CheckFailure(AssertionError):
@@ -334,3 +336,158 @@ def check_absorbed_attention(absorbed_attention: Callable) -> None:
         assert_tensor_close(ex, got, reference(*args), f"output ({case}) vs the package's absorbed_attention",
                             hint=hint)
     _passed(ex, "equals attention on explicit keys [W^UK c_kv; k_rope] and values W^UV c_kv, without forming them")
+
+
+# --- chapter 03: DeepSeekMoE -------------------------------------------------------------------
+
+def _routing_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Affinities (T=4, 8 experts in 4 groups) and a bias that makes every biased score negative."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(4, 8, generator=g)
+    bias = torch.rand(8, generator=g) * 0.2 - 1.5
+    return s, bias
+
+
+def check_group_limited_topk(group_limited_topk: Callable) -> None:
+    """Exercise 03.1: group-limited top-k over biased scores (DeepSeek-V3 §2.1.2)."""
+    from deepseek_mini.moe import group_limited_topk as reference
+
+    ex = "group_limited_topk"
+    s, bias = _routing_case()
+    cases = [(s + bias, 3, 4, 2), (s, 2, 2, 1), (s + bias, 4, 1, 1)]
+    for scores, k, n_group, topk_group in cases:
+        got = _call(ex, group_limited_topk, scores.clone(), k, n_group, topk_group)
+        expected = reference(scores, k, n_group, topk_group)
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.long:
+            _fail(ex, "should return expert *indices* (a torch.long tensor), got "
+                  f"{got.dtype if isinstance(got, torch.Tensor) else type(got).__name__}",
+                  "use .topk(...).indices, not .values")
+        if tuple(got.shape) != tuple(expected.shape):
+            _fail(ex, f"returned shape {tuple(got.shape)}, expected {tuple(expected.shape)} (tokens, topk)")
+        got_sets, expected_sets = [sorted(r) for r in got.tolist()], [sorted(r) for r in expected.tolist()]
+        if got_sets == expected_sets:
+            continue
+        t = next(i for i, (a, b) in enumerate(zip(got_sets, expected_sets)) if a != b)
+        mistakes = [(_variant_topk(scores, k, n_group, topk_group, "max", float("-inf")),
+                     "score each group by the sum of its two highest biased scores, not by its maximum"),
+                    (_variant_topk(scores, k, n_group, topk_group, "top2", 0.0),
+                     "mask the dropped groups with float('-inf'), not 0: these biased scores are negative, "
+                     "so a 0 beats every kept expert"),
+                    ([sorted(r) for r in scores.topk(k, dim=-1).indices.tolist()],
+                     "restrict the choice to the topk_group best groups before the final top-k")]
+        hint = next((h for wrong, h in mistakes if wrong == got_sets),
+                    "group score = sum of the top-2 scores in each group; keep topk_group groups; mask the rest "
+                    "with -inf; then top-k")
+        _fail(ex, f"token {t} (n_group={n_group}, topk_group={topk_group}, topk={k}): chose experts "
+              f"{got_sets[t]}, expected {expected_sets[t]}", hint)
+    _passed(ex, "matches the reference, including negative biased scores and a single group")
+
+
+def _variant_topk(scores: torch.Tensor, k: int, n_group: int, topk_group: int, group_score: str,
+                  fill: float) -> list[list[int]]:
+    """A common wrong version of group-limited top-k, for diagnosis: sorted expert lists per token."""
+    grouped = scores.view(scores.shape[0], n_group, -1)
+    score = grouped.amax(-1) if group_score == "max" else grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1)
+    keep = torch.zeros(scores.shape[0], n_group, dtype=torch.bool).scatter_(1, score.topk(topk_group, -1).indices, True)
+    masked = grouped.masked_fill(~keep[..., None], fill).flatten(1)
+    return [sorted(r) for r in masked.topk(k, dim=-1).indices.tolist()]
+
+
+def check_routing_weights(routing_weights: Callable) -> None:
+    """Exercise 03.2: gates from the unbiased affinities, normalised, times route_scale (eqs. 13, 16)."""
+    ex = "routing_weights"
+    s, bias = _routing_case()
+    indices = (s + bias).topk(3, dim=-1).indices
+    got = _call(ex, routing_weights, s.clone(), bias.clone(), indices, 2.5)
+    chosen = s.gather(1, indices)
+    expected = chosen / chosen.sum(-1, keepdim=True) * 2.5
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and not torch.allclose(got, expected, atol=1e-5):
+        biased = (s + bias).gather(1, indices)
+        mistakes = [(biased / biased.sum(-1, keepdim=True) * 2.5,
+                     "the bias only chooses experts: take the gate values from the unbiased scores s (eq. 16)"),
+                    (chosen * 2.5, "normalise the chosen scores so they sum to 1 before scaling (eq. 13)"),
+                    (chosen / chosen.sum(-1, keepdim=True), "multiply by route_scale (routed_scaling_factor, 2.5 in V3)"),
+                    (chosen, "normalise over the chosen experts, then multiply by route_scale")]
+        for wrong, hint in mistakes:
+            if torch.allclose(got, wrong, atol=1e-5):
+                _fail(ex, "gates differ from s_chosen / sum(s_chosen) * route_scale", hint)
+    assert_tensor_close(ex, got, expected, "gates (T, K)",
+                        hint="gather s at the chosen indices, divide by their sum, multiply by route_scale")
+    _passed(ex, "gates come from the unbiased scores, sum to route_scale")
+
+
+def check_update_bias(update_bias: Callable) -> None:
+    """Exercise 03.3: b_new = b + gamma * sign(mean load - load), returned as a new tensor."""
+    ex = "update_bias"
+    bias = torch.tensor([0.0, 0.1, -0.2, 0.05])
+    load = torch.tensor([6.0, 2.0, 3.0, 1.0])                        # mean 3: expert 2 sits exactly at it
+    original = bias.clone()
+    got = _call(ex, update_bias, bias, load, 0.01)
+    expected = torch.tensor([-0.01, 0.11, -0.2, 0.06])
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and not torch.allclose(got, expected, atol=1e-7):
+        mistakes = [(original - 0.01 * torch.sign(load.mean() - load),
+                     "the sign is flipped: an overloaded expert (load above the mean) must go *down*"),
+                    (original + 0.01 * (load.mean() - load),
+                     "use only the sign of (mean - load): every bias moves by exactly gamma"),
+                    (original + 0.01 * torch.where(load > load.mean(), -1.0, 1.0),
+                     "an expert exactly at the mean load keeps its bias: sign(0) = 0")]
+        for wrong, hint in mistakes:
+            if torch.allclose(got, wrong, atol=1e-7):
+                _fail(ex, f"new bias {got.tolist()}, expected {expected.tolist()}", hint)
+    assert_tensor_close(ex, got, expected, "new bias", atol=1e-7, rtol=0,
+                        hint="b + gamma * sign(load.mean() - load)")
+    if not torch.equal(bias, original):
+        _fail(ex, "modified the bias passed in", "return a new tensor (b + ...) instead of updating in place")
+    _passed(ex, "overloaded experts go down by gamma, underloaded go up, experts at the mean stay")
+
+
+def check_sequence_balance_loss(sequence_balance_loss: Callable) -> None:
+    """Exercise 03.4: eqs. 17-20, averaged over the sequences of a batch."""
+    from deepseek_mini.moe import sequence_balance_loss as reference
+
+    ex = "sequence_balance_loss"
+    g = torch.Generator().manual_seed(5)
+    s = torch.rand(3, 6, 8, generator=g)
+    idx = (s + torch.rand(8, generator=g)).topk(2, dim=-1).indices
+    got = _call(ex, sequence_balance_loss, s.clone(), idx, 0.01)
+    expected = reference(s, idx, 0.01)
+    if not isinstance(got, torch.Tensor) or got.numel() != 1:
+        _fail(ex, f"should return a scalar tensor, got {got!r}"[:200])
+    if not torch.allclose(got.reshape(()), expected, rtol=1e-5):
+        n, k, t = 8, 2, 6
+        chosen = torch.zeros_like(s).scatter_(-1, idx, 1.0)
+        p = (s / s.sum(-1, keepdim=True)).mean(1)
+        mistakes = [(0.01 * (chosen.sum(1) / t * p).sum(-1).mean(), "f_i carries the factor N_r / K_r (eq. 18): "
+                     "a perfectly balanced router then has f_i = 1"),
+                    (0.01 * (chosen.sum(1) * n / (k * t) * s.mean(1)).sum(-1).mean(),
+                     "P_i averages the *normalised* scores s' = s / sum_j s_j (eqs. 19-20)"),
+                    (reference(s.reshape(1, -1, 8), idx.reshape(1, -1, 2), 0.01),
+                     "compute f and P per sequence (over its T tokens), then average the per-sequence losses")]
+        for wrong, hint in mistakes:
+            if torch.allclose(got.reshape(()), wrong, rtol=1e-5):
+                _fail(ex, f"loss {got.item():.6f}, expected {expected.item():.6f}", hint)
+        _fail(ex, f"loss {got.item():.6f}, expected {expected.item():.6f}",
+              "L = alpha * sum_i f_i P_i per sequence, f_i = N_r/(K_r T) * count_i, P_i = mean_t s'_i,t")
+    uniform = torch.full((1, 4, 4), 0.5)
+    balanced = torch.tensor([[[0, 1], [2, 3], [0, 2], [1, 3]]])
+    value = _call(ex, sequence_balance_loss, uniform, balanced, 0.003)
+    if abs(float(value) - 0.003) > 1e-9:
+        _fail(ex, f"a perfectly balanced router should give exactly alpha = 0.003, got {float(value):.6f}")
+    _passed(ex, "equals eqs. 17-20; a balanced router gives exactly alpha")
+
+
+def check_max_violation(max_violation: Callable) -> None:
+    """Exercise 03.5: MaxVio = max load / mean load - 1, a Python float."""
+    ex = "max_violation"
+    for load, expected in (([4.0, 2, 2, 0], 1.0), ([3.0, 3, 3, 3], 0.0), ([8.0, 0, 0, 0], 3.0), ([5.0, 1, 0], 1.5)):
+        got = _call(ex, max_violation, torch.tensor(load))
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            _fail(ex, "returned a tensor", "return a Python float: call .item()")
+        if not isinstance(got, float):
+            _fail(ex, f"should return a float, got {type(got).__name__}")
+        if abs(got - expected) > 1e-6:
+            hint = ("subtract 1: a perfectly balanced load has MaxVio 0" if abs(got - expected - 1) < 1e-6 else
+                    "divide the maximum load by the *mean* load" if abs(got - (max(load) / sum(load) - 1)) < 1e-6 else
+                    "MaxVio = max_i load_i / mean_i load_i - 1")
+            _fail(ex, f"MaxVio of load {load} is {got:.4f}, expected {expected}", hint)
+    _passed(ex, "MaxVio = max / mean - 1 on the hand-computed loads")
