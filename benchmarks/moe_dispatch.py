@@ -53,7 +53,7 @@ from deepseek_mini.moe import Gate, expert_load, max_violation, moe_dispatch, mo
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Agreement tolerances (absolute and relative, as in torch.testing.assert_close): the three
 # paths add the same products in different orders, nothing more.
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2)}
+TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (5e-2, 5e-2)}
 METHODS = ["naive", "official", "efficient"]
 
 
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="expert weights and tokens; the router stays in float32 (default: float32)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per method and size (default: 7)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per method and size (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
@@ -266,9 +266,9 @@ def main(argv=None) -> list[dict]:
     # "Largest" = the most naive expert arithmetic, T x N_r (ties: more tokens).
     big = max(rows, key=lambda r: (r["tokens"] * r["n_experts"], r["tokens"]))
     print(f"\nat the largest size (T={big['tokens']}, N_r={big['n_experts']}, K_r={big['topk']}; {mode}): "
-          f"efficient dispatch is {big['naive_over_efficient']:.2f}x faster than naive "
-          f"(which does N_r/K_r = {big['n_experts'] / big['topk']:.1f}x the expert arithmetic) and "
-          f"{big['official_over_efficient']:.2f}x faster than the official-style loop")
+          f"naive/efficient = {big['naive_over_efficient']:.2f}x (naive does N_r/K_r = "
+          f"{big['n_experts'] / big['topk']:.1f}x the expert arithmetic), official/efficient = "
+          f"{big['official_over_efficient']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__,
