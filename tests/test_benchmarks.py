@@ -27,8 +27,18 @@ TINY_MOE = ["--tokens", "8", "32", "--experts", "4:2", "8:3", "--dim", "16", "--
             "--repeats", "1", "--warmup", "0", "--threads", "1"]
 
 
+@pytest.fixture
+def keep_torch_threads():
+    """--threads calls torch.set_num_threads, which lasts for the process: restore it afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_moe_dispatch_runs_and_prints_its_table(backward, capsys, tmp_path):
+def test_moe_dispatch_runs_and_prints_its_table(backward, capsys, tmp_path, keep_torch_threads):
     moe = load_script("moe_dispatch")
     out_json = tmp_path / "moe.json"
     rows = moe.main(TINY_MOE + ["--json", str(out_json)] + (["--backward"] if backward else []))
