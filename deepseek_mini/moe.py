@@ -127,9 +127,11 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
     token = order // k                                  # which token each sorted pair belongs to
-    chunks = x[token].split(counts)
+    # index_select, not x[token]: its backward is a deterministic index_add_, while the
+    # backward of x[token] (index_put_ with accumulate) depends on the CPU thread count.
+    chunks = x.index_select(0, token).split(counts)
     out = torch.cat([experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0])
-    out = out * weights.flatten()[order].unsqueeze(-1)
+    out = out * weights.flatten().index_select(0, order).unsqueeze(-1)
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
