@@ -9,10 +9,17 @@ public definitions, and a comment before each cell saying which section teaches 
     python -m deepseek_mini.export           # rewrite the generated modules
     python -m deepseek_mini.export --check   # exit 1 and show a diff if they are stale
 
-Rules the exporter enforces (each breaks the "one source" promise if violated):
+Rules the exporter enforces (each breaks the "one source" promise if violated), each with
+a one-line ``ExportError`` naming the notebook and cell (cells count from 1):
 
+* the marker is exactly ``#| export <module>`` on the cell's first line; a near miss
+  (``#|export``, ``# | export``, ``#|  export``, a marker on a later line) is an error,
+  never a silently skipped cell;
 * the first exported cell of a module starts with its docstring;
 * every public name is defined exactly once across all export cells of a module;
+* a module without the generated header is hand-written (``model.py``, ``config.py``)
+  and is never overwritten;
+* a notebook that is not valid JSON is reported by name, not with a traceback;
 * a generated module that no notebook exports any more is reported as stale.
 
 We use a small exporter on ``nbformat`` rather than nbdev: nbdev sends a notebook to one
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import json
 import re
 import sys
 from collections import defaultdict
@@ -41,6 +49,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 NOTEBOOK_DIR = REPO_DIR / "notebooks"
 _MODULE_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
+# Anything a reader would take for an export marker: '#| export', '#|export', '# | Export' ...
+_NEAR_MARKER_RE = re.compile(r"^#\s*\|\s*export(?P<rest>.*)$", re.IGNORECASE)
+FIX_COMMAND = "python -m deepseek_mini.export"
 
 
 class ExportError(ValueError):
@@ -52,6 +63,11 @@ class _Cell:
     notebook: str
     section: str
     source: str
+    number: int = 0     # position in the notebook, counting from 1
+
+    @property
+    def where(self) -> str:
+        return f"{self.notebook} cell {self.number} ({self.section})"
 
 
 @dataclass
@@ -61,31 +77,75 @@ class _Module:
 
 
 def _export_target(source: str) -> str | None:
-    """The module named on an ``#| export <module>`` first line, else None."""
-    first = source.lstrip("\n").split("\n", 1)[0].strip()
-    if not first.startswith(EXPORT_MARKER):
+    """The module named on an ``#| export <module>`` first line, else None.
+
+    Raises ``ExportError`` (without the location, which the caller adds) for a line that
+    looks like a marker but is not exactly one, and for a marker below the first line:
+    either would otherwise drop the cell from the package without a word.
+    """
+    lines = source.lstrip("\n").split("\n")
+    first = lines[0].strip()
+    near = _NEAR_MARKER_RE.match(first)
+    if near is None:
+        for number, line in enumerate(lines[1:], start=2):
+            if _NEAR_MARKER_RE.match(line.strip()):
+                raise ExportError(f"export marker {line.strip()!r} on line {number}: it must be the "
+                                  "cell's first line, or the cell is not exported")
         return None
-    target = first[len(EXPORT_MARKER):].strip()
+    target = first[len(EXPORT_MARKER) + 1:].strip() if first.startswith(EXPORT_MARKER + " ") else ""
     if not _MODULE_RE.match(target):
-        raise ExportError(f"bad export line {first!r}: write '#| export <module>', e.g. '#| export rope'")
+        guess = near.group("rest").strip().lower()
+        example = guess if _MODULE_RE.match(guess) else "rope"
+        raise ExportError(f"bad export line {first!r}: write '{EXPORT_MARKER} <module>' exactly "
+                          f"(one space after '#|'), e.g. '{EXPORT_MARKER} {example}'")
     return target
+
+
+def _relative(path: Path) -> Path:
+    return path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path
+
+
+def _read_notebook(path: Path) -> nbformat.NotebookNode:
+    """Read a notebook, turning a corrupt file into a one-line ``ExportError`` naming it."""
+    rel = _relative(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{rel}: cannot read the notebook ({type(exc).__name__}: {exc})") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{rel} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                          "repair it or restore it from git") from None
+    try:
+        return nbformat.reads(text, as_version=4)
+    except Exception as exc:  # nbformat raises several unrelated types for a non-notebook
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{rel} is JSON but not a Jupyter notebook ({type(exc).__name__}: {detail})") from None
 
 
 def _collect(notebooks: list[Path]) -> dict[str, _Module]:
     modules: dict[str, _Module] = {}
     for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
+        nb = _read_notebook(path)
+        rel = str(_relative(path))
         section = "(top)"
-        for cell in nb.cells:
-            if cell.cell_type == "markdown":
-                headings = [ln.lstrip("#").strip() for ln in cell.source.splitlines() if ln.startswith("#")]
+        for number, cell in enumerate(nb.get("cells", []), start=1):
+            kind, source = cell.get("cell_type"), cell.get("source", "")
+            if kind == "markdown":
+                headings = [ln.lstrip("#").strip() for ln in source.splitlines() if ln.startswith("#")]
                 section = headings[-1] if headings else section
-            if cell.cell_type != "code" or (target := _export_target(cell.source)) is None:
+            if kind != "code":
                 continue
-            body = cell.source.lstrip("\n").split("\n", 1)
+            try:
+                target = _export_target(source)
+            except ExportError as exc:
+                raise ExportError(f"{rel} cell {number} ({section}): {exc}") from None
+            if target is None:
+                continue
+            body = source.lstrip("\n").split("\n", 1)
             code = body[1].strip("\n") if len(body) > 1 else ""
-            rel = path.relative_to(REPO_DIR) if path.is_relative_to(REPO_DIR) else path
-            modules.setdefault(target, _Module(target)).cells.append(_Cell(str(rel), section, code))
+            modules.setdefault(target, _Module(target)).cells.append(_Cell(rel, section, code, number))
     return modules
 
 
@@ -97,7 +157,7 @@ def _public_names(module: _Module) -> list[str]:
         try:
             tree = ast.parse(cell.source)
         except SyntaxError as exc:
-            raise ExportError(f"{cell.notebook} ({cell.section}): export cell for {module.name} "
+            raise ExportError(f"{cell.where}: export cell for {module.name} "
                               f"does not parse: {exc}") from None
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -108,7 +168,7 @@ def _public_names(module: _Module) -> list[str]:
             else:
                 continue
             for name in defined:
-                where = f"{cell.notebook} ({cell.section})"
+                where = cell.where
                 if name in seen:
                     raise ExportError(f"{name} is defined twice for deepseek_mini/{module.name}: "
                                       f"in {seen[name]} and in {where}; define it in one cell")
@@ -124,7 +184,7 @@ def _render(module: _Module) -> str:
     tree = ast.parse(first.source)
     if not (tree.body and isinstance(tree.body[0], ast.Expr)
             and isinstance(tree.body[0].value, ast.Constant) and isinstance(tree.body[0].value.value, str)):
-        raise ExportError(f"{first.notebook} ({first.section}): the first export cell for "
+        raise ExportError(f"{first.where}: the first export cell for "
                           f"{module.name} must start with the module docstring")
     sources = sorted({c.notebook for c in module.cells})
     lines = [f"{GENERATED_TAG} from {', '.join(sources)}.",
@@ -139,10 +199,30 @@ def _module_path(name: str) -> Path:
     return PACKAGE_DIR.joinpath(*name.split(".")).with_suffix(".py")
 
 
+def _refuse_hand_written(modules: dict[str, _Module]) -> None:
+    """A module that exists without the generated header is hand-written: never replace it.
+
+    (An ``#| export model`` cell once replaced the hand-written ``model.py`` with a stub.)
+    """
+    for name, module in modules.items():
+        path = _module_path(name)
+        if path.is_file() and not path.read_text().startswith(GENERATED_TAG):
+            raise ExportError(
+                f"{_relative(path)} is hand-written (no generated header); an '{EXPORT_MARKER} {name}' "
+                f"cell in {module.cells[0].where} would replace it: export to another module "
+                "(or, if the file was generated and lost its header, delete it and re-run)")
+
+
 def render_modules(notebooks: list[Path] | None = None) -> dict[Path, str]:
-    """Map each generated module path to the text the notebooks say it should have."""
+    """Map each generated module path to the text the notebooks say it should have.
+
+    Writes nothing; raises ``ExportError`` when a notebook breaks a rule, including an export
+    aimed at a hand-written module.
+    """
     notebooks = sorted(NOTEBOOK_DIR.glob("*.ipynb")) if notebooks is None else notebooks
-    return {_module_path(name): _render(mod) for name, mod in _collect(notebooks).items()}
+    modules = _collect(notebooks)
+    _refuse_hand_written(modules)
+    return {_module_path(name): _render(mod) for name, mod in modules.items()}
 
 
 def _generated_files() -> list[Path]:
@@ -166,7 +246,7 @@ def export() -> list[Path]:
 
 
 def check(notebook: str | None = None, verbose: bool = True) -> list[str]:
-    """Problems between notebooks and package (empty when in sync).
+    """Problems between notebooks and package (empty when in sync); each names the fix.
 
     ``notebook`` (a file name such as ``"01_baseline_transformer.ipynb"``) limits the check
     to the modules that notebook exports; the lecture notebooks call this in their
@@ -184,11 +264,14 @@ def check(notebook: str | None = None, verbose: bool = True) -> list[str]:
         if current != text:
             diff = difflib.unified_diff(current.splitlines(), text.splitlines(),
                                         f"{rel} (package)", f"{rel} (from notebooks)", lineterm="", n=1)
-            problems.append(f"{rel} differs from the notebooks:\n" + "\n".join(list(diff)[:40]))
+            problems.append(f"{rel} differs from the notebooks; run `{FIX_COMMAND}` to rewrite it "
+                            "(an edit made in the module itself belongs in the notebook):\n"
+                            + "\n".join(list(diff)[:40]))
     if notebook is None:
         for path in _generated_files():
             if path not in rendered:
-                problems.append(f"{path.relative_to(REPO_DIR)} is generated but no notebook exports it")
+                problems.append(f"{path.relative_to(REPO_DIR)} is generated but no notebook exports it; "
+                                f"run `{FIX_COMMAND}` to delete it")
     if verbose:
         if problems:
             print("\n\n".join(problems))
@@ -208,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
-            return 1 if check() else 0
+            problems = check()
+            if problems:
+                print(f"{len(problems)} module(s) out of date: run `{FIX_COMMAND}`", file=sys.stderr)
+            return 1 if problems else 0
         changed = export()
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)

@@ -174,3 +174,124 @@ def test_render_does_not_write_files(tmp_path):
     nb = write_notebook(tmp_path / "nb.ipynb", [("code", f"{EXPORT_MARKER} zz_should_not_exist\n{DOC}")])
     (path,) = render_modules([nb])
     assert path.name == "zz_should_not_exist.py" and not path.exists()
+
+
+# ------------------------------------------------------------------ failing loudly (issue #9)
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A throw-away repository: tmp/notebooks/*.ipynb export into tmp/pkg/."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pkg").mkdir()
+    monkeypatch.setattr(exporter, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(exporter, "NOTEBOOK_DIR", tmp_path / "notebooks")
+    monkeypatch.setattr(exporter, "PACKAGE_DIR", tmp_path / "pkg")
+    return tmp_path
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = exporter.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_never_overwrites_a_hand_written_module(sandbox, capsys):
+    hand_written = sandbox / "pkg" / "model.py"
+    hand_written.write_text('"""Hand-written model assembly."""\n\nclass Transformer:\n    pass\n')
+    before = hand_written.read_text()
+    write_notebook(sandbox / "notebooks" / "09_scale.ipynb", [
+        ("md", "## 3. The model"),
+        ("code", f"{EXPORT_MARKER} model\n{DOC}\nSTUB = 1"),
+    ])
+    for args in ([], ["--check"]):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and "Traceback" not in err            # one line
+        assert "pkg/model.py is hand-written (no generated header)" in err
+        assert "'#| export model' cell in notebooks/09_scale.ipynb cell 2 (3. The model)" in err
+    assert hand_written.read_text() == before
+
+
+def test_export_still_rewrites_a_module_that_carries_the_generated_header(sandbox, capsys):
+    generated = sandbox / "pkg" / "synth.py"
+    generated.write_text(f"{exporter.GENERATED_TAG} from an old notebook.\nOLD = 1\n")
+    write_notebook(sandbox / "notebooks" / "nb.ipynb", [("code", f"{EXPORT_MARKER} synth\n{DOC}\nNEW = 2")])
+    code, out, _ = run_cli(capsys)
+    assert code == 0 and "wrote pkg/synth.py" in out
+    assert "NEW = 2" in generated.read_text() and "OLD" not in generated.read_text()
+
+
+def test_an_export_aimed_at_the_real_model_py_is_refused(tmp_path):
+    nb = write_notebook(tmp_path / "stray.ipynb", [("code", f"{EXPORT_MARKER} model\n{DOC}")])
+    with pytest.raises(ExportError, match=r"deepseek_mini/model\.py is hand-written.*stray\.ipynb cell 1"):
+        render_modules([nb])
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ('{"cells": [}', r"broken\.ipynb is not valid JSON \(line 1, column 12"),
+    ("", r"broken\.ipynb is not valid JSON \(line 1, column 1"),
+    ("[1, 2]", r"broken\.ipynb is JSON but not a Jupyter notebook"),
+], ids=["bad_json", "empty", "json_list"])
+def test_corrupt_notebook_is_a_one_line_error_naming_the_file(sandbox, capsys, text, pattern):
+    (sandbox / "notebooks" / "broken.ipynb").write_text(text)
+    with pytest.raises(ExportError, match=pattern):
+        render_modules()
+    code, out, err = run_cli(capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("export failed: notebooks/broken.ipynb ")
+
+
+def test_check_names_the_command_that_fixes_drift(sandbox, capsys):
+    write_notebook(sandbox / "notebooks" / "nb.ipynb", [("code", f"{EXPORT_MARKER} synth\n{DOC}\nX = 1")])
+    (sandbox / "pkg" / "synth.py").write_text(f"{exporter.GENERATED_TAG} from nb.\nX = 0\n")
+    (sandbox / "pkg" / "orphan.py").write_text(f"{exporter.GENERATED_TAG} from a deleted notebook.\n")
+    problems = check(verbose=False)
+    assert len(problems) == 2
+    assert all("`python -m deepseek_mini.export`" in p for p in problems)
+    assert problems[0].startswith("pkg/synth.py differs from the notebooks; run `python -m deepseek_mini.export`")
+    assert "pkg/orphan.py is generated but no notebook exports it" in problems[1]
+    code, out, err = run_cli(capsys, "--check")
+    assert code == 1 and "-X = 0" in out and "+X = 1" in out
+    assert err == "2 module(s) out of date: run `python -m deepseek_mini.export`\n"
+    assert run_cli(capsys)[0] == 0                        # the named command does fix it
+    assert check(verbose=False) == [] and not (sandbox / "pkg" / "orphan.py").exists()
+
+
+@pytest.mark.parametrize("line,suggestion", [
+    ("#|export synth", "'#| export synth'"),
+    ("# | export synth", "'#| export synth'"),
+    ("#|  export synth", "'#| export synth'"),
+    ("# |export synth", "'#| export synth'"),
+    ("#| Export synth", "'#| export synth'"),
+    ("#|EXPORT Synth", "'#| export synth'"),
+    ("#|export", "'#| export rope'"),
+])
+def test_near_miss_export_markers_are_flagged_not_dropped(tmp_path, line, suggestion):
+    nb = write_notebook(tmp_path / "near.ipynb", [
+        ("md", "## 4. Section"),
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}"),
+        ("code", f"{line}\ndef dropped():\n    pass"),
+    ])
+    with pytest.raises(ExportError) as info:
+        render_modules([nb])
+    msg = str(info.value)
+    assert msg.endswith(f"near.ipynb cell 3 (4. Section): bad export line {line!r}: write '#| export <module>' "
+                        f"exactly (one space after '#|'), e.g. {suggestion}")
+
+
+def test_export_marker_below_the_first_line_is_flagged(tmp_path):
+    nb = write_notebook(tmp_path / "late.ipynb", [
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}"),
+        ("code", f"# NBVAL_IGNORE_OUTPUT\n{EXPORT_MARKER} synth\ndef dropped():\n    pass"),
+    ])
+    with pytest.raises(ExportError, match=r"late\.ipynb cell 2 \(\(top\)\): export marker '#\| export synth' "
+                                          r"on line 2: it must be the cell's first line"):
+        render_modules([nb])
+
+
+def test_comments_that_merely_mention_export_are_not_markers(tmp_path):
+    nb = write_notebook(tmp_path / "ok.ipynb", [
+        ("code", f"{EXPORT_MARKER} synth\n{DOC}"),
+        ("code", "# export the weights to disk\nmarker = '#| export synth'\n#  | not a marker\n"),
+    ])
+    (text,) = render_modules([nb]).values()
+    assert "weights" not in text
