@@ -8,33 +8,45 @@ exercise is a code cell whose function or class body sits between nbgrader's mar
         ...
         ### END SOLUTION
 
-followed by a graded check cell. This command writes ``exercises/NN_topic.ipynb`` with each
-solution region replaced by a stub that raises ``NotImplementedError`` naming the exercise,
-and with every output and execution count cleared. The cells keep nbgrader's metadata
-(``grade_id``, ``points``, ``solution``, ``grade``), so instructors can also use nbgrader.
+followed by a graded check cell. This command writes two things from each solution notebook:
 
-    python -m deepseek_mini.exercises          # write exercises/ from solutions/
-    python -m deepseek_mini.exercises --check  # exit 1 if exercises/ is out of date
+* ``exercises/NN_topic.ipynb``, the learner's copy: each solution region replaced by a stub
+  that raises ``NotImplementedError`` naming the exercise, every output and execution count
+  cleared. The cells keep nbgrader's metadata (``grade_id``, ``points``, ``solution``,
+  ``grade``), so instructors can also use nbgrader, and the notebook keeps the chapter id
+  (``metadata.deepseek_mini.chapter``, equal to the file's stem).
+* ``deepseek_mini/grading/NN_topic.json``, the grading spec shipped inside the package: the
+  chapter id and, per exercise, its ``grade_id``, points and check-cell source. The grader
+  (``python -m deepseek_mini.grade``) takes these from the spec, never from the learner's
+  file, so editing points or check cells in a copy changes nothing.
 
-A later chapter joins by adding its solution notebook; nothing here changes.
+    python -m deepseek_mini.exercises          # write exercises/ and the specs from solutions/
+    python -m deepseek_mini.exercises --check  # exit 1 if either is out of date
+
+A later chapter joins by adding its solution notebook (with its chapter id in the notebook
+metadata); nothing here changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
 import nbformat
 
-__all__ = ["BEGIN_SOLUTION", "END_SOLUTION", "strip_solutions", "make_exercise_notebook", "generate", "check"]
+__all__ = ["BEGIN_SOLUTION", "END_SOLUTION", "CHAPTER_KEY", "chapter_of", "strip_solutions",
+           "make_exercise_notebook", "grading_spec", "generate", "check"]
 
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
+CHAPTER_KEY = "deepseek_mini"      # notebook metadata: {"deepseek_mini": {"chapter": "03_moe"}}
 REPO_DIR = Path(__file__).resolve().parent.parent
 SOLUTIONS_DIR = REPO_DIR / "solutions"
 EXERCISES_DIR = REPO_DIR / "exercises"
+GRADING_DIR = Path(__file__).resolve().parent / "grading"   # package data: found when installed too
 _BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)" + re.escape(BEGIN_SOLUTION) + r"\s*$")
 _END_RE = re.compile(r"^[ \t]*" + re.escape(END_SOLUTION) + r"\s*$")
 
@@ -63,12 +75,59 @@ def strip_solutions(source: str, exercise: str) -> str:
     return "\n".join(out)
 
 
-def _exercise_name(cell: nbformat.NotebookNode) -> str:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    name = meta.get("grade_id")
+def _grade_id(cell: nbformat.NotebookNode) -> str:
+    name = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
     if not name:
         raise ValueError(f"a solution cell lacks metadata.nbgrader.grade_id:\n{cell.source[:200]}")
-    return f"Exercise {name}"
+    return name
+
+
+def _exercise_name(cell: nbformat.NotebookNode) -> str:
+    return f"Exercise {_grade_id(cell)}"
+
+
+def _nbgrader(cell: nbformat.NotebookNode) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {}) if cell.cell_type == "code" else {}
+
+
+def chapter_of(nb: nbformat.NotebookNode) -> str | None:
+    """The chapter id a notebook carries in ``metadata.deepseek_mini.chapter`` (None if absent)."""
+    meta = nb.get("metadata", {}).get(CHAPTER_KEY)
+    chapter = meta.get("chapter") if isinstance(meta, dict) else None
+    return chapter if isinstance(chapter, str) and chapter else None
+
+
+def grading_spec(solution: nbformat.NotebookNode, chapter: str) -> dict:
+    """What the grader needs from a solution notebook: per exercise its id, points and check source.
+
+    An exercise is a solution cell followed, before the next solution cell, by exactly one
+    graded check cell with positive points; anything else is an authoring error (``ValueError``).
+    """
+    exercises: list[dict] = []
+    for cell in solution.cells:
+        meta = _nbgrader(cell)
+        if meta.get("solution"):
+            if exercises and "check" not in exercises[-1]:
+                break
+            exercises.append({"id": _grade_id(cell)})
+        elif meta.get("grade"):
+            where = f"{chapter}: graded cell {meta.get('grade_id')!r}"
+            if not exercises or "check" in exercises[-1]:
+                raise ValueError(f"{where} does not follow a solution cell")
+            points = meta.get("points")
+            if isinstance(points, bool) or not isinstance(points, (int, float)) or points <= 0:
+                raise ValueError(f"{where} needs positive metadata.nbgrader.points, got {points!r}")
+            exercises[-1].update(check_id=meta.get("grade_id") or f"{exercises[-1]['id']}_check",
+                                 points=points, check=cell.source)
+    unchecked = [e["id"] for e in exercises if "check" not in e]
+    if unchecked:
+        raise ValueError(f"{chapter}: solution cell {unchecked[0]!r} has no graded check cell after it")
+    ids = [e["id"] for e in exercises] + [e["check_id"] for e in exercises]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"{chapter}: grade_ids must be unique, got {sorted(ids)}")
+    return {"chapter": chapter,
+            "generated_from": f"solutions/{chapter}.ipynb by `python -m deepseek_mini.exercises`; do not edit",
+            "exercises": exercises}
 
 
 def make_exercise_notebook(solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -85,24 +144,36 @@ def make_exercise_notebook(solution: nbformat.NotebookNode) -> nbformat.Notebook
     return nb
 
 
-def _render(path: Path) -> str:
-    solution = nbformat.read(path, as_version=4)
-    return nbformat.writes(make_exercise_notebook(solution)) + "\n"
+def _wanted() -> dict[Path, str]:
+    """Every generated file (exercise notebooks and grading specs) with its expected text."""
+    wanted = {}
+    for path in sorted(SOLUTIONS_DIR.glob("*.ipynb")):
+        solution = nbformat.read(path, as_version=4)
+        chapter = chapter_of(solution)
+        if chapter != path.stem:
+            raise ValueError(f"{path.relative_to(REPO_DIR)}: notebook metadata needs "
+                             f'"{CHAPTER_KEY}": {{"chapter": "{path.stem}"}} (found {chapter!r})')
+        wanted[EXERCISES_DIR / path.name] = nbformat.writes(make_exercise_notebook(solution)) + "\n"
+        spec = grading_spec(solution, chapter)
+        wanted[GRADING_DIR / f"{chapter}.json"] = json.dumps(spec, indent=1, ensure_ascii=False) + "\n"
+    return wanted
+
+
+def _generated_files() -> list[Path]:
+    return sorted([*EXERCISES_DIR.glob("*.ipynb"), *GRADING_DIR.glob("*.json")])
 
 
 def generate() -> list[Path]:
-    """Write exercises/ from solutions/; return the files that changed."""
+    """Write exercises/ and deepseek_mini/grading/ from solutions/; return the files that changed."""
+    wanted = _wanted()
     EXERCISES_DIR.mkdir(exist_ok=True)
+    GRADING_DIR.mkdir(exist_ok=True)
     changed = []
-    wanted = {}
-    for path in sorted(SOLUTIONS_DIR.glob("*.ipynb")):
-        target = EXERCISES_DIR / path.name
-        wanted[target] = _render(path)
     for target, text in wanted.items():
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
             changed.append(target)
-    for stale in EXERCISES_DIR.glob("*.ipynb"):
+    for stale in _generated_files():
         if stale not in wanted:
             stale.unlink()
             changed.append(stale)
@@ -110,15 +181,15 @@ def generate() -> list[Path]:
 
 
 def check() -> list[str]:
-    """Problems with exercises/ (empty when it matches what solutions/ generates)."""
+    """Problems with exercises/ and the grading specs (empty when they match what solutions/ generates)."""
     problems = []
-    wanted = {EXERCISES_DIR / p.name: _render(p) for p in sorted(SOLUTIONS_DIR.glob("*.ipynb"))}
+    wanted = _wanted()
     for target, text in wanted.items():
         if not target.exists():
             problems.append(f"{target.relative_to(REPO_DIR)} is missing")
         elif target.read_text() != text:
             problems.append(f"{target.relative_to(REPO_DIR)} is out of date")
-    for extra in sorted(EXERCISES_DIR.glob("*.ipynb")):
+    for extra in _generated_files():
         if extra not in wanted:
             problems.append(f"{extra.relative_to(REPO_DIR)} has no solution notebook")
     return problems
@@ -127,14 +198,16 @@ def check() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deepseek_mini.exercises",
-        description="Write exercises/*.ipynb from solutions/*.ipynb: solution regions become "
-                    "NotImplementedError stubs and outputs are cleared.")
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if exercises/ is stale")
+        description="Write exercises/*.ipynb from solutions/*.ipynb (solution regions become "
+                    "NotImplementedError stubs, outputs are cleared) and the grader's specs "
+                    "deepseek_mini/grading/*.json (exercise ids, points, check cells).")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if exercises/ or the grading specs are stale")
     args = parser.parse_args(argv)
     try:
         if args.check:
             problems = check()
-            print("\n".join(problems) if problems else "exercises/ is in sync with solutions/")
+            print("\n".join(problems) if problems else "exercises/ and the grading specs are in sync with solutions/")
             return 1 if problems else 0
         changed = generate()
     except ValueError as exc:
@@ -143,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in changed:
         print(f"wrote {path.relative_to(REPO_DIR)}")
     if not changed:
-        print("exercises/ already matches solutions/")
+        print("exercises/ and the grading specs already match solutions/")
     return 0
 
 

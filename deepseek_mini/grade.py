@@ -1,41 +1,88 @@
-"""Grade an exercise notebook: run it with nbclient and score each exercise on its own.
+"""Grade an exercise notebook against the course's own copy of its chapter's exercises.
 
     python -m deepseek_mini.grade exercises/01_baseline_transformer.ipynb
-    python -m deepseek_mini.grade my_copy.ipynb --json grades.json --timeout 30
+    python -m deepseek_mini.grade alice.ipynb --chapter 02_mla --json alice.json --timeout 30
 
-An exercise is nbgrader-style: a *solution* cell (``metadata.nbgrader.solution = true``)
-followed by a *graded* check cell (``grade = true`` with ``points``). The exercise earns its
-points when its solution cell and its check cell both run without raising.
+What is graded comes from the package, not from the learner's file. Each exercise notebook
+carries its chapter id in its metadata (``{"deepseek_mini": {"chapter": "03_moe"}}``), and
+the package ships that chapter's grading spec (``deepseek_mini/grading/03_moe.json``,
+generated from ``solutions/`` by ``python -m deepseek_mini.exercises``): the exercise ids,
+their points and their check-cell sources. So a learner who edits the points, replaces a
+check cell with ``pass``, deletes a check cell or pastes an exercise twice changes nothing:
 
-The grader never crashes on a broken notebook. Each cell runs separately, so an exception,
-a syntax error or a wrong answer costs only that exercise. A cell that runs past
-``--timeout`` seconds (an infinite loop) is interrupted and reported as a timeout; if the
-kernel does not come back, or dies (``os._exit``, a segfault), a fresh kernel is started,
-the notebook's set-up cells and the solutions that already passed are replayed, and
-grading goes on with the next exercise.
+* the learner's check cells are never run; for each exercise the spec's check source runs
+  instead, right after the learner's solution cell (matched by nbgrader ``grade_id``);
+* before each check, every ``deepseek_mini`` module is dropped from ``sys.modules`` and
+  ``deepseek_mini.checks`` is imported afresh, so a solution cell that monkeypatches
+  ``checks.check_*`` (or the reference it compares with) cannot fake a pass;
+* points come from the spec; an exercise whose solution cell is gone scores 0 ("missing");
+  when a solution cell appears twice, the last copy is graded, once.
 
-Exit codes: 0 every exercise earned full marks; 1 graded, some points lost;
-2 the notebook could not be graded (missing, unreadable, or no graded cells).
+Which chapter a notebook is: its metadata says, and nothing may contradict it. A notebook
+without a chapter id, or with one this package does not know, cannot be graded. A notebook
+is refused as "another chapter" when ``--chapter`` names a different one, when its file
+name starts with another chapter's number (``01_...`` holding chapter 02), or when it holds
+exercise cells (``grade_id``) of another chapter. So chapter 02 saved as chapter 01 is
+refused whether or not its metadata was edited too.
+
+The other cells (imports, helpers, scratch work) are set-up cells and run in order. One
+that fails is reported once, "set-up cell N failed: ...", numbering every cell from 1. A
+failure before the first exercise (the imports) leaves nothing meaningful to run, so every
+exercise shows "not run (set-up failed)"; a failure further down is reported and grading
+goes on.
+
+The grader never crashes on a broken notebook: a cell that raises, a syntax error or a
+wrong answer costs only its exercise. A cell that runs past ``--timeout`` seconds is
+interrupted and reported as a timeout; if the kernel does not come back, or dies
+(``os._exit``, a segfault), a fresh kernel is started, the set-up cells and the solutions
+that ran are replayed, and grading goes on.
+
+This is not a security boundary: graded code runs unsandboxed with the grader's rights,
+as with nbgrader, and a determined learner can patch deeper (``torch.allclose``, the
+import system). Grade untrusted notebooks in a container or a throwaway account.
+
+Exit codes: 0 every exercise earned full marks; 1 graded, some points lost; 2 the notebook
+could not be graded (missing, unreadable, no or unknown chapter id, another chapter, or a
+bad ``--json`` path).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-__all__ = ["ExerciseResult", "GradeReport", "grade_notebook", "main"]
+from deepseek_mini.exercises import CHAPTER_KEY, chapter_of
+
+__all__ = ["ExerciseResult", "GradeReport", "grade_notebook", "known_chapters", "load_spec", "main"]
 
 EXIT_FULL_MARKS, EXIT_POINTS_LOST, EXIT_NOT_GRADED = 0, 1, 2
 DEFAULT_TIMEOUT_S = 60
 _PROBE_TIMEOUT_S = 10          # a kernel that cannot run `pass` in this long after an interrupt is replaced
 _TIMEOUT_ENAME = "Timeout"
+_CHAPTER_NUMBER = re.compile(r"^(\d{2})_")
+NOT_RUN = "not run (set-up failed)"
+
+# Run in the learner's kernel before every check: a fresh deepseek_mini (checks and the
+# references they import), bound to the name the spec's check sources use.
+_FRESH_CHECKS = """\
+def _deepseek_mini_fresh_checks():
+    import importlib, sys
+    for name in [n for n in sys.modules if n.split(".")[0] == "deepseek_mini"]:
+        del sys.modules[name]
+    return importlib.import_module("deepseek_mini.checks")
+checks = _deepseek_mini_fresh_checks()
+del _deepseek_mini_fresh_checks
+"""
 
 
 @dataclass
@@ -43,14 +90,16 @@ class ExerciseResult:
     exercise: str
     points: float
     max_points: float
-    status: str                # passed | failed | not attempted | error | timeout | kernel died
+    status: str    # passed | failed | not attempted | error | timeout | kernel died | missing | not run (set-up failed)
     message: str = ""
 
 
 @dataclass
 class GradeReport:
     notebook: str
+    chapter: str
     exercises: list[ExerciseResult]
+    setup_errors: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -61,14 +110,16 @@ class GradeReport:
         return sum(e.max_points for e in self.exercises)
 
     def to_json(self) -> dict:
-        return {"notebook": self.notebook, "total": self.total, "max_total": self.max_total,
+        return {"notebook": self.notebook, "chapter": self.chapter, "total": self.total,
+                "max_total": self.max_total, "setup_errors": self.setup_errors,
                 "exercises": [asdict(e) for e in self.exercises]}
 
     def table(self) -> str:
         rows = [(e.exercise, f"{e.points:g}/{e.max_points:g}", e.status, _one_line(e.message)) for e in self.exercises]
         header = ("exercise", "points", "status", "message")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3]]
+        lines = [f"chapter: {self.chapter}", *self.setup_errors]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
         lines.append("-" * (sum(widths) + 6 + 40))
         lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
         lines.append(f"total: {self.total:g} / {self.max_total:g}")
@@ -81,30 +132,69 @@ def _one_line(message: str, width: int = 100) -> str:
 
 
 def _nbgrader(cell) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {}) if cell.cell_type == "code" else {}
+    meta = cell.get("metadata", {}).get("nbgrader", {}) if cell.cell_type == "code" else {}
+    return meta if isinstance(meta, dict) else {}
 
 
-@dataclass
-class _Exercise:
-    grade_id: str
-    check_index: int
-    solution_index: int | None
-    max_points: float
+# ------------------------------------------------------------------ the course's grading specs
 
 
-def _find_exercises(nb) -> list[_Exercise]:
-    exercises, last_solution = [], None
-    for index, cell in enumerate(nb.cells):
-        meta = _nbgrader(cell)
-        if meta.get("solution"):
-            last_solution = index
-        if meta.get("grade"):
-            # Name the exercise after its solution cell ("rms_norm"), else after the check cell.
-            name = _nbgrader(nb.cells[last_solution]).get("grade_id") if last_solution is not None else None
-            exercises.append(_Exercise(name or meta.get("grade_id", f"cell {index}"), index, last_solution,
-                                       float(meta.get("points", 0))))
-            last_solution = None
-    return exercises
+def _spec_files() -> dict:
+    folder = resources.files("deepseek_mini").joinpath("grading")
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {entry.name[: -len(".json")]: entry for entry in entries if entry.name.endswith(".json")}
+
+
+def known_chapters() -> list[str]:
+    """The chapter ids this installation of deepseek_mini can grade."""
+    return sorted(_spec_files())
+
+
+def load_spec(chapter: str) -> dict:
+    """The grading spec of ``chapter``: ``{"chapter", "exercises": [{"id", "check_id", "points", "check"}]}``."""
+    files = _spec_files()
+    if chapter not in files:
+        raise ValueError(f"unknown chapter {chapter!r}; this deepseek_mini grades {', '.join(sorted(files)) or 'none'}")
+    return json.loads(files[chapter].read_text(encoding="utf-8"))
+
+
+def _grade_ids(spec: dict) -> set[str]:
+    return {e["id"] for e in spec["exercises"]} | {e["check_id"] for e in spec["exercises"]}
+
+
+def _identify(nb, path: Path, expected: str | None) -> dict:
+    """The spec of the notebook's chapter; ``ValueError`` if it has none or belongs to another chapter."""
+    chapters = known_chapters()
+    claimed = chapter_of(nb)
+    if claimed is None:
+        raise ValueError(f"notebook {str(path)!r} carries no chapter id (metadata.{CHAPTER_KEY}.chapter): work in a "
+                         f"copy of the course's exercises/NN_topic.ipynb, which has one, or add "
+                         f'"{CHAPTER_KEY}": {{"chapter": "NN_topic"}} to the notebook metadata '
+                         f"(chapters: {', '.join(chapters)})")
+    if claimed not in chapters:
+        raise ValueError(f"notebook {str(path)!r} says chapter {claimed!r}, which this deepseek_mini does not grade "
+                         f"(chapters: {', '.join(chapters)})")
+    refused = f"notebook {str(path)!r} is refused: its metadata says chapter {claimed!r}"
+    if expected is not None and claimed != expected:
+        raise ValueError(f"{refused}, not {expected!r} (a notebook of another chapter)")
+    named, own_number = _CHAPTER_NUMBER.match(path.name), _CHAPTER_NUMBER.match(claimed)
+    if named and own_number and named.group(1) != own_number.group(1):
+        raise ValueError(f"{refused}, but the file name says chapter {named.group(1)}: rename the file or grade "
+                         f"the notebook of chapter {named.group(1)}")
+    spec = load_spec(claimed)
+    learner_ids = {_nbgrader(c).get("grade_id") for c in nb.cells} - _grade_ids(spec) - {None}
+    for other in chapters:
+        foreign = learner_ids & _grade_ids(load_spec(other)) if other != claimed else set()
+        if foreign:
+            raise ValueError(f"{refused}, but it holds exercise cells of chapter {other!r} "
+                             f"({', '.join(sorted(foreign))})")
+    return spec
+
+
+# ------------------------------------------------------------------ running cells
 
 
 class _Runner:
@@ -132,8 +222,14 @@ class _Runner:
             pass
 
     def run(self, index: int) -> tuple[str, str]:
-        """('ok' | 'error' | 'timeout' | 'died', message) for cell ``index``."""
-        cell = self.nb.cells[index]
+        """('ok' | 'error' | 'timeout' | 'died', message) for the notebook's cell ``index``."""
+        return self._execute(self.nb.cells[index], index)
+
+    def run_source(self, source: str) -> tuple[str, str]:
+        """Like ``run`` for code that is not in the learner's notebook (the grader's own cells)."""
+        return self._execute(nbformat.v4.new_code_cell(source), 0)
+
+    def _execute(self, cell, index: int) -> tuple[str, str]:
         try:
             self.client.execute_cell(cell, index)
             return "ok", ""
@@ -163,7 +259,7 @@ class _Runner:
             self.client.timeout = saved
 
     def restart(self) -> None:
-        """A fresh kernel with the set-up cells and the passing solutions replayed."""
+        """A fresh kernel with the set-up cells and the solutions that ran replayed."""
         self.__exit__(None, None, None)       # shuts down the old kernel, dead or hung
         self.client.km = None
         self.client.kc = None
@@ -173,6 +269,13 @@ class _Runner:
                 self.client.execute_cell(self.nb.cells[index], index)
             except Exception:
                 pass
+
+    def check(self, source: str) -> tuple[str, str]:
+        """Run a check from the spec against a freshly imported ``deepseek_mini.checks``."""
+        kind, message = self.run_source(_FRESH_CHECKS)
+        if kind != "ok":
+            return kind, f"the grader could not import a fresh deepseek_mini.checks: {message}"
+        return self.run_source(source)
 
 
 def _status_of(kind: str, message: str, in_solution: bool) -> tuple[str, str]:
@@ -189,72 +292,145 @@ def _status_of(kind: str, message: str, in_solution: bool) -> tuple[str, str]:
     return "error", message
 
 
-def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S) -> GradeReport:
-    """Run the notebook at ``path`` and score each exercise independently.
+def _setup_error(nb, index: int, message: str) -> str:
+    first_line = next((line.strip() for line in nb.cells[index].source.splitlines() if line.strip()), "")
+    first_line = first_line if len(first_line) <= 40 else first_line[:39] + "…"
+    return f"set-up cell {index + 1} (`{first_line}`) failed: {_one_line(message)}"
 
-    Raises ``ValueError`` only when the notebook cannot be graded at all (missing,
-    unreadable, or without graded cells); every failure inside the notebook is a score.
+
+# ------------------------------------------------------------------ grading
+
+
+def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S, chapter: str | None = None) -> GradeReport:
+    """Run the notebook at ``path`` and score each of its chapter's exercises independently.
+
+    ``chapter``, when given, is the chapter the notebook must be (an instructor grading one
+    assignment). Raises ``ValueError`` only when the notebook cannot be graded at all (see
+    the module docstring); every failure inside the notebook is a score.
     """
     path = Path(path)
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise ValueError(f"timeout ({timeout!r}) must be a positive number of seconds")
     if not path.is_file():
         raise ValueError(f"notebook {str(path)!r} does not exist")
     try:
         nb = nbformat.read(path, as_version=4)
     except Exception as exc:
         raise ValueError(f"notebook {str(path)!r} could not be read as a Jupyter notebook: {exc}") from None
-    exercises = _find_exercises(nb)
-    if not exercises:
-        raise ValueError(f"notebook {str(path)!r} has no graded cells (metadata.nbgrader.grade = true)")
-    by_check = {e.check_index: e for e in exercises}
-    solution_of = {e.solution_index: e for e in exercises if e.solution_index is not None}
+    if chapter is not None and chapter not in known_chapters():
+        raise ValueError(f"unknown chapter {chapter!r}; this deepseek_mini grades {', '.join(known_chapters())}")
+    spec = _identify(nb, path, chapter)
+    exercises = spec["exercises"]
+    check_ids = {e["check_id"] for e in exercises}
+
+    # The learner's cells: solution copies per exercise, check cells (never run), the rest set-up.
+    copies: dict[str, list[int]] = {e["id"]: [] for e in exercises}
+    skipped, first_exercise_cell = set(), len(nb.cells)
+    for index, cell in enumerate(nb.cells):
+        meta = _nbgrader(cell)
+        if meta.get("solution") or meta.get("grade") or meta.get("grade_id") in check_ids:
+            first_exercise_cell = min(first_exercise_cell, index)
+        if meta.get("grade") or meta.get("grade_id") in check_ids:
+            skipped.add(index)
+        elif meta.get("solution") and meta.get("grade_id") in copies:
+            copies[meta["grade_id"]].append(index)
+    exercise_of = {index: e for e in exercises for index in copies[e["id"]]}
+
     outcome: dict[str, tuple[str, str]] = {}
-    with _Runner(nb, path.resolve().parent, timeout) as runner:
-        for index, cell in enumerate(nb.cells):
-            if cell.cell_type != "code" or not cell.source.strip():
-                continue
-            exercise = by_check.get(index) or solution_of.get(index)
-            if exercise is not None and exercise.grade_id in outcome:
-                continue                      # its solution already failed: skip the check
-            kind, message = runner.run(index)
-            if exercise is None:
+    setup_errors: list[str] = []
+    setup_failed = False
+    if any(copies.values()):              # nothing to run when every exercise is missing
+        with _Runner(nb, path.resolve().parent, timeout) as runner:
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code" or not cell.source.strip() or index in skipped:
+                    continue
+                exercise = exercise_of.get(index)
+                kind, message = runner.run(index)
+                if exercise is None:
+                    if kind == "ok":
+                        runner.replay.append(index)
+                        continue
+                    setup_errors.append(_setup_error(nb, index, message))
+                    if index < first_exercise_cell:
+                        setup_failed = True
+                        break
+                    continue
                 if kind == "ok":
                     runner.replay.append(index)
-                continue
-            if kind != "ok":
-                outcome[exercise.grade_id] = _status_of(kind, message, index == exercise.solution_index)
-            elif index == exercise.check_index:
-                outcome[exercise.grade_id] = ("passed", "")
-            else:
-                runner.replay.append(index)
+                if index != copies[exercise["id"]][-1]:
+                    continue                  # an earlier copy: the last one is graded
+                if kind != "ok":
+                    outcome[exercise["id"]] = _status_of(kind, message, in_solution=True)
+                    continue
+                kind, message = runner.check(exercise["check"])
+                outcome[exercise["id"]] = ("passed", "") if kind == "ok" else _status_of(kind, message, False)
+
     results = []
     for e in exercises:
-        status, message = outcome.get(e.grade_id, ("error", "the check cell did not run"))
-        results.append(ExerciseResult(e.grade_id, e.max_points if status == "passed" else 0.0,
-                                      e.max_points, status, message))
-    return GradeReport(str(path), results)
+        n_copies = len(copies[e["id"]])
+        if n_copies == 0:
+            status, message = "missing", (f"no solution cell with grade_id {e['id']!r}: copy it back from "
+                                          f"exercises/{spec['chapter']}.ipynb")
+        elif e["id"] in outcome:
+            status, message = outcome[e["id"]]
+        elif setup_failed:
+            status, message = NOT_RUN, setup_errors[-1].split(" failed:")[0] + " failed"
+        else:
+            status, message = "error", "the check did not run"
+        if n_copies > 1:
+            note = f"{n_copies} cells have grade_id {e['id']!r}; the last one was graded"
+            message = f"{message} ({note})" if message else note
+        points = float(e["points"])
+        results.append(ExerciseResult(e["id"], points if status == "passed" else 0.0, points, status, message))
+    return GradeReport(str(path), spec["chapter"], results, setup_errors)
+
+
+def _json_path_problem(target: str) -> str | None:
+    """Why ``--json target`` could not be written, checked before any grading starts."""
+    path = Path(target)
+    if path.is_dir():
+        return f"--json {target!r} is a directory; give a file name such as grades.json"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"--json {target!r}: the folder {str(parent)!r} does not exist"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"--json {target!r} is not writable"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deepseek_mini.grade",
-        description="Run an exercise notebook and score each exercise independently.",
+        description="Run an exercise notebook and score each of its chapter's exercises with the course's "
+                    "own checks and points. Graded code runs unsandboxed: grade untrusted notebooks in a "
+                    "container or a throwaway account.",
         epilog="exit codes: 0 full marks, 1 some points lost, 2 the notebook could not be graded",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebook", help="the .ipynb to grade (anywhere on disk)")
+    parser.add_argument("--chapter", metavar="ID",
+                        help="refuse the notebook unless it is this chapter, e.g. 02_mla")
     parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON for a gradebook")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"seconds one cell may run before it counts as a timeout (default: {DEFAULT_TIMEOUT_S})")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error(f"--timeout ({args.timeout}) must be a positive number of seconds")
+    problem = _json_path_problem(args.json) if args.json else None
+    if problem:
+        print(f"cannot grade: {problem}", file=sys.stderr)
+        return EXIT_NOT_GRADED
     try:
-        report = grade_notebook(args.notebook, timeout=args.timeout)
+        report = grade_notebook(args.notebook, timeout=args.timeout, chapter=args.chapter)
     except ValueError as exc:
         print(f"cannot grade: {exc}", file=sys.stderr)
         return EXIT_NOT_GRADED
     print(report.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        except OSError as exc:
+            print(f"cannot write {args.json}: {exc}", file=sys.stderr)
+            return EXIT_NOT_GRADED
         print(f"wrote {args.json}")
     return EXIT_FULL_MARKS if report.total == report.max_total else EXIT_POINTS_LOST
 

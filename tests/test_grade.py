@@ -1,14 +1,18 @@
-"""The grader scores each exercise on its own and never crashes on a broken notebook."""
+"""The grader scores each exercise on its own, never crashes on a broken notebook, and
+grades against the course's own checks and points, so the cheats of issue #9 earn nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from deepseek_mini.grade import EXIT_FULL_MARKS, EXIT_NOT_GRADED, EXIT_POINTS_LOST, grade_notebook, main
+from deepseek_mini import grade
+from deepseek_mini.grade import (EXIT_FULL_MARKS, EXIT_NOT_GRADED, EXIT_POINTS_LOST, NOT_RUN, grade_notebook,
+                                 load_spec, main)
 
 REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((REPO / "solutions").glob("*.ipynb"))
@@ -101,9 +105,10 @@ def test_cli_table_json_and_exit_codes(tmp_path, capsys):
     out = tmp_path / "grades.json"
     assert main([str(solution), "--json", str(out)]) == EXIT_FULL_MARKS
     printed = capsys.readouterr().out
-    assert "exercise" in printed and "total: 10 / 10" in printed
+    assert "chapter: 01_baseline_transformer" in printed and "total: 10 / 10" in printed
     data = json.loads(out.read_text())
     assert data["total"] == data["max_total"] == 10 and len(data["exercises"]) == 5
+    assert data["chapter"] == "01_baseline_transformer" and data["setup_errors"] == []
     assert main([str(REPO / "exercises" / solution.name)]) == EXIT_POINTS_LOST
 
 
@@ -115,3 +120,114 @@ def test_ungradable_notebooks_exit_2_with_a_reason(tmp_path, capsys, content):
         path.write_text(content)
     assert main([str(path)]) == EXIT_NOT_GRADED
     assert "cannot grade" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a grader that cannot be fooled
+
+
+def _cell(nb, grade_id: str):
+    return next(c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == grade_id)
+
+
+def _save(nb, path: Path) -> Path:
+    nbformat.write(nb, path)
+    return path
+
+
+def test_planted_cheats_earn_only_what_was_solved(tmp_path):
+    """Every cheat of issue #9 on the chapter 01 exercises; only top_p_filter is really solved."""
+    nb = nbformat.read(REPO / "exercises" / "01_baseline_transformer.ipynb", as_version=4)
+    solved = nbformat.read(REPO / "solutions" / "01_baseline_transformer.ipynb", as_version=4)
+    _cell(nb, "rms_norm_check").source = "pass"                          # check cell replaced by `pass`
+    _cell(nb, "apply_rope_check").metadata.nbgrader.points = 1000        # points metadata inflated
+    _cell(nb, "causal_mask").source += (                                 # the check monkeypatched, two ways
+        "\n\nimport sys\n"
+        "checks.check_causal_mask = lambda fn: print('✓ causal_mask')\n"
+        "sys.modules['deepseek_mini.checks'].check_causal_mask = checks.check_causal_mask\n")
+    nb.cells.remove(_cell(nb, "append_to_cache_check"))                  # check cell deleted
+    _cell(nb, "top_p_filter").source = _cell(solved, "top_p_filter").source
+    pasted = copy.deepcopy([_cell(nb, "top_p_filter"), _cell(nb, "top_p_filter_check")])  # pasted twice
+    for cell in pasted:
+        cell.id = nbformat.v4.new_code_cell().id                         # Jupyter gives a pasted cell a new id
+    nb.cells += pasted
+    scratch = nb.cells.index(_cell(nb, "rms_norm_check")) + 1
+    nb.cells.insert(scratch, nbformat.v4.new_code_cell("raise ValueError('scratch work')"))
+    report = grade_notebook(_save(nb, tmp_path / "01_baseline_transformer.ipynb"), timeout=60)
+
+    by_name = {e.exercise: e for e in report.exercises}
+    assert list(by_name) == [e["id"] for e in load_spec("01_baseline_transformer")["exercises"]]
+    assert (report.total, report.max_total) == (2, 10), report.table()
+    for name in ("rms_norm", "apply_rope", "causal_mask", "append_to_cache"):
+        assert (by_name[name].points, by_name[name].status) == (0, "not attempted"), report.table()
+    assert by_name["apply_rope"].max_points == 2
+    assert (by_name["top_p_filter"].points, by_name["top_p_filter"].status) == (2, "passed")
+    assert "2 cells have grade_id 'top_p_filter'" in by_name["top_p_filter"].message
+    assert report.setup_errors == [f"set-up cell {scratch + 1} (`raise ValueError('scratch work')`) failed: "
+                                   "ValueError: scratch work"]
+
+
+def test_a_failing_set_up_cell_is_reported_once_and_a_deleted_exercise_is_missing(tmp_path):
+    nb = nbformat.read(REPO / "exercises" / "02_mla.ipynb", as_version=4)
+    solved = nbformat.read(REPO / "solutions" / "02_mla.ipynb", as_version=4)
+    setup = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells[setup].source += "\nimport einops_with_a_typo\n"
+    nb.cells.remove(_cell(nb, "split_query"))
+    nb.cells.remove(_cell(nb, "split_query_check"))
+    # A solved exercise whose cell leaves a trace if it runs: after a set-up failure it must not.
+    _cell(nb, "mla_cache_bytes").source = (_cell(solved, "mla_cache_bytes").source
+                                          + "\nopen('solution_ran.txt', 'w').close()\n")
+    report = grade_notebook(_save(nb, tmp_path / "learner.ipynb"), timeout=60)
+
+    assert report.setup_errors == [f"set-up cell {setup + 1} (`import torch`) failed: "
+                                   "ModuleNotFoundError: No module named 'einops_with_a_typo'"]
+    statuses = {e.exercise: e.status for e in report.exercises}
+    assert statuses == {"split_query": "missing", "mla_cache_bytes": NOT_RUN,
+                        "absorb_query": NOT_RUN, "absorbed_attention": NOT_RUN}
+    assert (report.total, report.max_total) == (0, 8)
+    assert not (tmp_path / "solution_ran.txt").exists()
+    assert main([str(tmp_path / "learner.ipynb")]) == EXIT_POINTS_LOST  # graded, not "cannot grade"
+
+
+def _refuse_to_run(monkeypatch):
+    """Make any attempt to start a kernel fail the test: refusals happen before running anything."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the grader started a kernel for a notebook it should have refused")
+    monkeypatch.setattr(grade, "_Runner", no_kernel)
+
+
+def _chapter_02(tmp_path, name: str, chapter: str | None = "02_mla") -> Path:
+    nb = nbformat.read(REPO / "solutions" / "02_mla.ipynb", as_version=4)
+    if chapter is None:
+        del nb.metadata["deepseek_mini"]
+    else:
+        nb.metadata["deepseek_mini"]["chapter"] = chapter
+    return _save(nb, tmp_path / name)
+
+
+@pytest.mark.parametrize("name, chapter, args, reason", [
+    # chapter 02 saved as chapter 01: refused by its file name ...
+    ("01_baseline_transformer.ipynb", "02_mla", [], "the file name says chapter 01"),
+    # ... and, with its metadata edited to match, by its cells
+    ("01_baseline_transformer.ipynb", "01_baseline_transformer", [], "holds exercise cells of chapter '02_mla'"),
+    ("my_work.ipynb", "01_baseline_transformer", [], "holds exercise cells of chapter '02_mla'"),
+    # an instructor grading chapter 01 is handed chapter 02
+    ("my_work.ipynb", "02_mla", ["--chapter", "01_baseline_transformer"], "not '01_baseline_transformer'"),
+    ("my_work.ipynb", None, [], "carries no chapter id"),
+    ("my_work.ipynb", "09_unknown", [], "'09_unknown', which this deepseek_mini does not grade"),
+    ("my_work.ipynb", "02_mla", ["--chapter", "09_unknown"], "unknown chapter '09_unknown'"),
+])
+def test_a_notebook_of_another_or_no_chapter_is_refused(tmp_path, capsys, monkeypatch, name, chapter, args, reason):
+    _refuse_to_run(monkeypatch)
+    assert main([str(_chapter_02(tmp_path, name, chapter)), *args]) == EXIT_NOT_GRADED
+    err = capsys.readouterr().err
+    assert err.startswith("cannot grade:") and reason in err, err
+
+
+@pytest.mark.parametrize("target, reason", [(".", "is a directory"), ("no_such_folder/grades.json", "does not exist")])
+def test_a_bad_json_path_is_refused_before_grading(tmp_path, capsys, monkeypatch, target, reason):
+    monkeypatch.chdir(tmp_path)
+    _refuse_to_run(monkeypatch)
+    notebook = _chapter_02(tmp_path, "02_mla.ipynb")
+    assert main([str(notebook), "--json", target]) == EXIT_NOT_GRADED
+    err = capsys.readouterr().err
+    assert err.startswith("cannot grade: --json") and reason in err, err

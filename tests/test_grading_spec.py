@@ -1,0 +1,92 @@
+"""The grader's specs: generated from solutions/, shipped in the package, in sync with the notebooks."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from deepseek_mini import exercises
+from deepseek_mini.exercises import CHAPTER_KEY, EXERCISES_DIR, REPO_DIR, SOLUTIONS_DIR, chapter_of, grading_spec
+from deepseek_mini.grade import known_chapters, load_spec
+
+
+def _graded(path) -> list[tuple[str, str, float, str]]:
+    """(solution grade_id, check grade_id, points, check source) per exercise, read from a notebook."""
+    nb = nbformat.read(path, as_version=4)
+    rows, last = [], None
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if meta.get("solution"):
+            last = meta["grade_id"]
+        if meta.get("grade"):
+            rows.append((last, meta["grade_id"], meta["points"], cell.source))
+    return rows
+
+
+def test_every_chapter_has_an_id_a_spec_and_matching_exercises():
+    solutions = sorted(SOLUTIONS_DIR.glob("*.ipynb"))
+    assert known_chapters() == [p.stem for p in solutions]
+    for path in solutions:
+        learner = nbformat.read(EXERCISES_DIR / path.name, as_version=4)
+        assert chapter_of(nbformat.read(path, as_version=4)) == chapter_of(learner) == path.stem
+        spec = load_spec(path.stem)
+        assert spec["chapter"] == path.stem
+        assert [(e["id"], e["check_id"], e["points"], e["check"]) for e in spec["exercises"]] == _graded(path)
+
+
+def test_the_package_declares_the_specs_as_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())
+    assert "grading/*.json" in pyproject["tool"]["setuptools"]["package-data"]["deepseek_mini"]
+
+
+def _notebook(*cells, chapter: str | None = "07_yarn") -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = list(cells)
+    if chapter is not None:
+        nb.metadata[CHAPTER_KEY] = {"chapter": chapter}
+    return nb
+
+
+def _code(source: str, **nbgrader) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source)
+    if nbgrader:
+        cell.metadata["nbgrader"] = nbgrader
+    return cell
+
+
+SOLUTION = _code("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION", solution=True, grade_id="f")
+
+
+def test_generation_writes_the_spec_and_carries_the_chapter_id(tmp_path, monkeypatch):
+    for name in ("SOLUTIONS_DIR", "EXERCISES_DIR", "GRADING_DIR"):
+        monkeypatch.setattr(exercises, name, tmp_path / name.lower())
+    monkeypatch.setattr(exercises, "REPO_DIR", tmp_path)
+    (tmp_path / "solutions_dir").mkdir()
+    check = _code("checks.check_f(f)", grade=True, grade_id="f_check", points=3)
+    nbformat.write(_notebook(SOLUTION, check), tmp_path / "solutions_dir" / "07_yarn.ipynb")
+    exercises.generate()
+    assert exercises.check() == []
+    assert chapter_of(nbformat.read(tmp_path / "exercises_dir" / "07_yarn.ipynb", as_version=4)) == "07_yarn"
+    spec = json.loads((tmp_path / "grading_dir" / "07_yarn.json").read_text())
+    assert spec["exercises"] == [{"id": "f", "check_id": "f_check", "points": 3, "check": "checks.check_f(f)"}]
+
+    # A solution notebook whose chapter id is missing or is not its file name cannot be generated.
+    nbformat.write(_notebook(SOLUTION, check, chapter=None), tmp_path / "solutions_dir" / "07_yarn.ipynb")
+    with pytest.raises(ValueError, match='"chapter": "07_yarn"'):
+        exercises.check()
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([SOLUTION], "has no graded check cell"),
+    ([SOLUTION, SOLUTION], "has no graded check cell"),
+    ([_code("checks.check_f(f)", grade=True, grade_id="f_check", points=2)], "does not follow a solution cell"),
+    ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f_check")], "positive metadata.nbgrader.points"),
+    ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f_check", points=0)], "positive"),
+    ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f", points=1)], "grade_ids must be unique"),
+])
+def test_grading_spec_rejects_malformed_solution_notebooks(cells, message):
+    with pytest.raises(ValueError, match=message):
+        grading_spec(_notebook(*cells), "07_yarn")
