@@ -4,8 +4,10 @@
 
 The lecture notebooks (``notebooks/``) and the generated exercises (``exercises/``) are
 copied into ``book/notebooks`` and ``book/exercises`` with their stored outputs; nothing is
-executed. MathJax 3 is copied from the ``django-static-mathjax`` wheel into ``book/_assets``
-so that math typesets without a network. Sphinx warnings are errors.
+executed. Links from a notebook to a book page (``../book/facts.md``, which JupyterLab opens
+from ``notebooks/``) are rewritten to the page's place in the book (``../facts.md``). MathJax 3
+is copied from the ``django-static-mathjax`` wheel into ``book/_assets`` so that math
+typesets without a network. Sphinx warnings are errors.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def copy_sources() -> None:
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
         for notebook in sorted(source.glob("*.ipynb")):
-            shutil.copy2(notebook, target / notebook.name)
+            text = notebook.read_text(encoding="utf-8")
+            (target / notebook.name).write_text(text.replace("](../book/", "](../"), encoding="utf-8")
 
 
 def copy_mathjax() -> None:

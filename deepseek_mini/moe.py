@@ -78,7 +78,7 @@ class Gate(nn.Module):
 
     ``bias`` is a float32 *buffer*: it is saved in checkpoints but is not a parameter, so
     no gradient or optimizer ever touches it; only ``update_bias`` changes it. The affinities
-    are computed in float32 (REFERENCE.md: the router runs in FP32).
+    are computed in float32 (the official code and Hugging Face's router run it in FP32).
     """
 
     def __init__(self, dim: int, n_routed_experts: int, topk: int, n_group: int = 1, topk_group: int = 1,

@@ -420,7 +420,7 @@ def v3_layer() -> MLA:
 def test_deepseek_v3_mla_layer_shapes_and_parameter_count():
     mla = v3_layer()
     shapes = {name: tuple(p.shape) for name, p in mla.named_parameters()}
-    assert shapes == {                                       # REFERENCE.md, MLA; (out, in)
+    assert shapes == {                                       # book/facts.md (MLA, from config_671B.json); (out, in)
         "wq_a.weight": (1536, 7168),
         "q_norm.weight": (1536,),
         "wq_b.weight": (128 * 192, 1536),
