@@ -16,6 +16,12 @@ Switches:
 * ``num_nextn_predict_layers`` -> Multi-Token Prediction depth D (chapter 04, §2.2).
 * ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
 
+No field is silently ignored: until its chapter lands, ``build_model`` raises
+``NotImplementedError`` for ``rope_scaling``, ``num_nextn_predict_layers > 0`` and
+``rope_interleave=False``; the fields that build nothing are listed, with reasons, in
+``METADATA_FIELDS``. A config *file* must give every size (``hidden_size`` ...) with the
+right JSON type; a missing one is an error, never the toy's default.
+
 Presets: ``"toy"`` is a small DeepSeek (MLA + DeepSeekMoE) that trains on a laptop CPU in
 minutes; ``"toy-dense"`` is chapter 01's baseline (MHA, dense FFN) and ``"toy-mla"`` chapter
 02's (MLA, dense FFN) on the same trunk; ``"mini"`` is a dense baseline for one GPU in bf16;
@@ -27,17 +33,42 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ModelConfig", "PRESETS", "load_config", "preset_names"]
+__all__ = ["ModelConfig", "PRESETS", "METADATA_FIELDS", "load_config", "preset_names"]
 
 AttnImpl = Literal["naive", "absorb"]
 # HF DeepseekV3/V2 router variants: "noaux_tc" (V3, bias-corrected group-limited top-k),
 # "group_limited_greedy" (V2), "greedy" (plain top-k).
 _TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+# The ModelConfig fields that build nothing, each with the reason it is kept. Every other
+# field changes the model build_model() returns, or makes it refuse a feature a later chapter
+# builds; tests/test_model.py fails for a field that is neither.
+METADATA_FIELDS: dict[str, str] = {
+    "hidden_act": "validate() admits only 'silu', the SwiGLU that layers.MLP always builds; kept so "
+                  "HF config.json files load and say so",
+    "bos_token_id": "tokenizer metadata: the model reads token ids, never these; data.py's byte "
+                    "tokenizer defines the ids the course uses",
+    "eos_token_id": "tokenizer metadata: generate() takes the stop token as an argument",
+    "pad_token_id": "tokenizer metadata: batching and the loss decide what padding means",
+}
+
+# Sizes without a neutral default: a config *file* must give them (the constructor and the
+# presets keep the toy's defaults). A switch that is off by default (None, 0, 1, 1.0: no MLA,
+# no MoE, no query compression, no shared experts, no groups) may be left out; a feature a
+# file switches on brings its own sizes.
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_REQUIRED_DENSE = ("intermediate_size",)                            # some layer has a dense FFN
+_REQUIRED_TRUNK_TAIL = ("max_position_embeddings",)
+_REQUIRED_MLA = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")   # kv_lora_rank set
+_REQUIRED_MOE = ("moe_intermediate_size", "num_experts_per_tok")         # n_routed_experts set
 
 
 @dataclass
@@ -132,6 +163,7 @@ class ModelConfig:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, its value and what would be valid."""
+        _check_field_types(vars(self))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _require_positive_int(self, name)
@@ -259,11 +291,15 @@ class ModelConfig:
         """Build from HF names; an official ``config_671B.json`` (``dim``, ``n_layers``...) is mapped.
 
         Unknown keys raise ``ValueError`` with a suggestion, so a typo never passes silently.
-        Keys HF configs carry that do not change the architecture are ignored.
+        Keys HF configs carry that do not change the architecture are ignored. A missing size
+        (``hidden_size`` ...) is an error, not the toy's default; a value of the wrong JSON type
+        (``"512"``, ``512.0`` or ``true`` for an int) is an error; an int where a float is
+        expected (``"rope_theta": 10000``) is converted.
         """
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if "dim" in data and "n_layers" in data:
+            _check_required_official(data, source)
             data = _from_official(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_HF_KEYS)
@@ -273,7 +309,8 @@ class ModelConfig:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"{source}: unknown config field(s) {', '.join(hints)}")
-        kwargs = {k: v for k, v in data.items() if k in known}
+        _check_required(data, source)
+        kwargs = _check_json_types({k: v for k, v in data.items() if k in known}, source)
         return cls(**kwargs)
 
     @classmethod
@@ -303,6 +340,96 @@ def _require_positive_int(cfg: ModelConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} ({value!r}) must be a positive integer")
+
+
+_TYPE_WORDS = {int: "an int", float: "a number", bool: "a bool (true or false)", str: "a string",
+               dict: "a dict"}
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[tuple[type, ...], str]]:
+    """Per field, from its annotation: the accepted Python types and how to name them."""
+    out = {}
+    for name, hint in typing.get_type_hints(ModelConfig).items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        accepted = []
+        for arg in typing.get_args(hint) if union else (hint,):
+            base = typing.get_origin(arg) or arg                 # dict[str, Any] -> dict
+            if base is Literal:                                  # AttnImpl -> str
+                base = type(typing.get_args(arg)[0])
+            accepted.append(base)
+        words = [_TYPE_WORDS[t] for t in accepted if t is not type(None)]
+        out[name] = (tuple(accepted), " or ".join(words + ["null"] * (type(None) in accepted)))
+    return out
+
+
+def _type_error(name: str, value: Any) -> str | None:
+    """Why ``value`` has the wrong type for field ``name`` (None if it is fine).
+
+    JSON has one number type, so an int is accepted where a float is expected; the reverse is
+    refused, integral or not (``"num_hidden_layers": 2.0`` is a bug in whatever wrote it, and
+    a count must not be silently rounded). ``true``/``false`` are never numbers.
+    """
+    accepted, words = _field_types()[name]
+    if isinstance(value, bool):
+        ok = bool in accepted
+    elif isinstance(value, int) and float in accepted:
+        ok = True
+    else:
+        ok = isinstance(value, accepted)
+    if ok:
+        return None
+    got = "null" if value is None else f"{type(value).__name__} {value!r}"
+    return f"{name} must be {words}, got {got}"
+
+
+def _check_field_types(values: dict[str, Any], source: str | None = None) -> None:
+    """Raise ``ValueError`` for the first field whose value has the wrong type."""
+    for name, value in values.items():
+        if name in _field_types() and (error := _type_error(name, value)):
+            raise ValueError(f"{source}: {error}" if source else error)
+
+
+def _check_json_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check the types of a JSON config's values; return them with ints in float fields as floats."""
+    _check_field_types(values, source)
+    floats = {name for name, (accepted, _) in _field_types().items() if float in accepted}
+    return {k: float(v) if k in floats and isinstance(v, int) else v for k, v in values.items()}
+
+
+def _missing(source: str, names: list[str]) -> ValueError:
+    plural = "s" if len(names) > 1 else ""
+    return ValueError(f"{source} lacks required field{plural} {', '.join(names)}; a config file must "
+                      "give every size (the defaults are the toy's, not the file's model)")
+
+
+def _check_required(data: dict[str, Any], source: str) -> None:
+    """A config file names every size of its model (see ``_REQUIRED_FIELDS``)."""
+    moe = data.get("n_routed_experts") is not None
+    required = list(_REQUIRED_FIELDS)
+    if not moe or data.get("first_k_dense_replace", 0) != 0:    # some layer keeps the dense FFN
+        required += _REQUIRED_DENSE
+    required += _REQUIRED_TRUNK_TAIL
+    if data.get("kv_lora_rank") is not None:
+        required += _REQUIRED_MLA
+    if moe:
+        required += _REQUIRED_MOE
+    missing = [repr(name) for name in required if name not in data]
+    if missing:
+        raise _missing(source, missing)
+
+
+# Sizes an official ModelArgs JSON must give: its code always builds MLA and MoE, and the
+# ModelArgs defaults for them describe a different (16B-like) model.
+_OFFICIAL_REQUIRED = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers",
+                      "n_heads", "n_routed_experts", "n_shared_experts", "n_activated_experts",
+                      "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _check_required_official(data: dict[str, Any], source: str) -> None:
+    missing = [f"{name!r} ({_OFFICIAL_TO_HF[name]})" for name in _OFFICIAL_REQUIRED if name not in data]
+    if missing:
+        raise _missing(source, missing)
 
 
 # Keys found in HF DeepSeek-V3 config.json files that do not change the architecture
@@ -341,6 +468,8 @@ def _from_official(data: dict[str, Any]) -> dict[str, Any]:
     # q_lora_rank 0 means "no query compression" in the official code.
     if out.get("q_lora_rank") == 0:
         out["q_lora_rank"] = None
+    # ModelArgs.score_func defaults to softmax (DeepSeek-V2's files leave it out); ours is sigmoid.
+    out.setdefault("scoring_func", "softmax")
     if rope["rope_factor"] > 1:
         out["rope_scaling"] = {
             "type": "yarn", "factor": rope["rope_factor"],
@@ -349,6 +478,8 @@ def _from_official(data: dict[str, Any]) -> dict[str, Any]:
             "mscale": rope["mscale"], "mscale_all_dim": rope["mscale"],
         }
         out["max_position_embeddings"] = int(rope["rope_factor"] * rope["original_seq_len"])
+    else:   # no YaRN: the official code's RoPE table covers max_seq_len (ModelArgs default 4 x 4096)
+        out["max_position_embeddings"] = data.get("max_seq_len", 4 * 4096)
     # ModelArgs has no MTP field: the official inference code never builds the MTP module, so
     # num_nextn_predict_layers stays at its default (0). Pass num_nextn_predict_layers=1 to
     # load_config for DeepSeek-V3's released checkpoint, which carries one MTP layer.
@@ -397,7 +528,14 @@ def _mini() -> ModelConfig:
 
 
 def _deepseek_v3() -> ModelConfig:
-    """DeepSeek-V3 671B, every value from config_671B.json / HF config.json (REFERENCE.md)."""
+    """DeepSeek-V3 671B, every value from config_671B.json / HF config.json (book/facts.md).
+
+    The preset documents the real model, so it keeps YaRN (``rope_scaling``, chapter 07) and
+    one MTP module (``num_nextn_predict_layers=1``, chapter 04); ``build_model`` refuses them
+    until those chapters build them. ``count_parameters("deepseek-v3")`` counts the main model
+    (neither adds a parameter to it); to build it on the meta device, pass
+    ``load_config("deepseek-v3", rope_scaling=None, num_nextn_predict_layers=0)``.
+    """
     return ModelConfig(
         vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
         rms_norm_eps=1e-6, initializer_range=0.006,  # §4.2: "standard deviation 0.006"

@@ -13,6 +13,11 @@ config *fields*, never from sizes:
 Construction never initialises weights; ``init_weights`` does (the torchtitan pattern),
 so ``build_model(config, device="meta")`` lays out even the 671B model instantly and
 without memory, for parameter accounting (chapter 09).
+
+A config field the model does not build yet is refused, never ignored: ``rope_scaling``
+(YaRN, chapter 07), ``num_nextn_predict_layers > 0`` (Multi-Token Prediction, chapter 04),
+``rope_interleave=False`` and ``attention_bias`` with MLA raise ``NotImplementedError``
+naming the field and the value that builds.
 """
 
 from __future__ import annotations
@@ -53,6 +58,32 @@ def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
                config.routed_scaling_factor, config.scoring_func, config.norm_topk_prob)
 
 
+def _unbuilt_features(config: ModelConfig) -> list[str]:
+    """What ``config`` asks for that this model does not build yet (one clause per field)."""
+    unbuilt = []
+    if config.rope_scaling is not None:
+        unbuilt.append("rope_scaling (YaRN) is built in chapter 07: set rope_scaling to None (null) "
+                       "to build this model")
+    if config.num_nextn_predict_layers > 0:
+        unbuilt.append(f"num_nextn_predict_layers = {config.num_nextn_predict_layers} > 0 (Multi-Token "
+                       "Prediction) is built in chapter 04: set num_nextn_predict_layers to 0 to build "
+                       "this model")
+    if not config.rope_interleave:
+        unbuilt.append("rope_interleave=False (RoPE on split halves, the layout of some converted "
+                       "checkpoints) is not built: deepseek_mini rotates interleaved pairs like "
+                       "DeepSeek-V3's own checkpoint (chapter 01): set rope_interleave to true")
+    if config.uses_mla and config.attention_bias:
+        unbuilt.append("attention_bias=True with MLA is not built (DeepSeek-V3's attention projections "
+                       "have no bias): set attention_bias to false")
+    return unbuilt
+
+
+def _main_model_config(config: ModelConfig) -> ModelConfig:
+    """The config of the main model's parameters: without the MTP modules (counted apart,
+    DeepSeek-V3 §2.2), and without YaRN and the RoPE layout, which hold no parameters."""
+    return config.replace(rope_scaling=None, num_nextn_predict_layers=0, rope_interleave=True)
+
+
 def _rope_dim(config: ModelConfig) -> int:
     """Channels RoPE rotates per head: all of them in MHA, the decoupled d_h^R part in MLA."""
     return config.qk_rope_head_dim if config.uses_mla else config.head_dim
@@ -67,6 +98,8 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if unbuilt := _unbuilt_features(config):
+            raise NotImplementedError("; ".join(unbuilt))
         self.config = config
         d = config.hidden_size
         self.embed = nn.Embedding(config.vocab_size, d)
@@ -153,6 +186,8 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     On ``device="meta"`` no memory is allocated and no weights are initialised: use it to
     inspect shapes and count parameters of configurations too large to materialise.
     ``seed`` makes initialisation reproducible without touching the global RNG.
+    Raises ``NotImplementedError`` (on every device) for a feature a later chapter builds,
+    e.g. the ``deepseek-v3`` preset's YaRN and MTP; ``count_parameters`` still counts it.
     """
     config = load_config(config) if not isinstance(config, ModelConfig) else config
     device = torch.device(device)
@@ -165,7 +200,7 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     if dtype is not None:
         model = model.to(dtype)
         for module in model.modules():    # balancing state stays FP32: bf16 would round away bias
-            if isinstance(module, Gate):  # updates of gamma = 0.001 (REFERENCE.md: FP32 buffer) and
+            if isinstance(module, Gate):  # updates of gamma = 0.001 (an FP32 buffer, §2.1.2) and
                 module.bias.data = module.bias.data.float()   # miscount loads above 256 tokens
             elif isinstance(module, MoE):
                 module.tokens_per_expert.data = module.tokens_per_expert.data.float()
@@ -196,12 +231,15 @@ def _human(n: int) -> str:
 def count_parameters(model_or_config: nn.Module | ModelConfig | str) -> ParameterCount:
     """Total and activated-per-token parameter counts (main model; the MTP module excluded).
 
-    A config or preset name is built on the meta device first, so this works for 671B.
+    A config or preset name is built on the meta device first, so this works for 671B; its
+    main model is counted, so YaRN and MTP, which later chapters build and which add no
+    parameter to it, do not stop ``count_parameters("deepseek-v3")``.
     Activated = total minus the routed experts a token does not use (chapter 03); for a
     dense model the two are equal.
     """
     if isinstance(model_or_config, (ModelConfig, str)):
-        model_or_config = build_model(model_or_config, device="meta")
+        config = load_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
+        model_or_config = build_model(_main_model_config(config), device="meta")
     model = model_or_config
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())

@@ -344,3 +344,120 @@ def test_num_key_value_heads_defaults_to_heads():
     c = ModelConfig(hidden_size=64, num_attention_heads=8)
     assert c.num_key_value_heads == 8 and c.head_dim == 8
     assert not c.uses_mla and not c.uses_moe
+
+
+# ------------------------------------------------------- required sizes and JSON types (issue #9)
+def _write(tmp_path, data: dict, name: str = "config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _without(data: dict, *names: str) -> dict:
+    return {k: v for k, v in data.items() if k not in names}
+
+
+@pytest.mark.parametrize("preset,name", [
+    ("toy-dense", "vocab_size"), ("toy-dense", "hidden_size"), ("toy-dense", "num_hidden_layers"),
+    ("toy-dense", "num_attention_heads"), ("toy-dense", "intermediate_size"),
+    ("toy-dense", "max_position_embeddings"),
+    ("toy-mla", "qk_nope_head_dim"), ("toy-mla", "qk_rope_head_dim"), ("toy-mla", "v_head_dim"),
+    ("toy", "moe_intermediate_size"), ("toy", "num_experts_per_tok"),
+])
+def test_config_file_lacking_a_size_is_an_error_not_the_toys_default(tmp_path, preset, name):
+    path = _write(tmp_path, _without(load_config(preset).to_dict(), name))
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config file {str(path)!r} lacks required field {name!r}; ")
+
+
+def test_empty_config_file_names_every_missing_size(tmp_path):
+    with pytest.raises(ValueError, match=_esc("lacks required fields 'vocab_size', 'hidden_size', "
+                                              "'num_hidden_layers', 'num_attention_heads', "
+                                              "'intermediate_size', 'max_position_embeddings'")):
+        load_config(_write(tmp_path, {}))
+
+
+def test_sizes_of_features_that_are_off_may_be_left_out(tmp_path):
+    # Neutral switches (no MLA, no MoE, no query compression, no groups ...) need not be written.
+    minimal = dict(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=128, max_position_embeddings=64)
+    c = load_config(_write(tmp_path, minimal))
+    assert not c.uses_mla and not c.uses_moe and c.num_key_value_heads == 4
+    # With every layer MoE there is no dense FFN, so intermediate_size may be left out too.
+    all_moe = _without(load_config("toy", first_k_dense_replace=0).to_dict(), "intermediate_size")
+    assert load_config(_write(tmp_path, all_moe, "all_moe.json")).first_k_dense_replace == 0
+
+
+def test_hf_config_lacking_a_size_is_an_error(tmp_path):
+    path = _write(tmp_path, _without(_hf_config(), "moe_intermediate_size"))
+    with pytest.raises(ValueError, match=_esc("lacks required field 'moe_intermediate_size'")):
+        load_config(path)
+
+
+def test_presets_and_the_constructor_keep_their_defaults():
+    assert ModelConfig().hidden_size == 128 and load_config("toy").hidden_size == 128
+
+
+@pytest.mark.parametrize("name,ours", [("n_heads", "num_attention_heads"), ("kv_lora_rank", "kv_lora_rank"),
+                                       ("inter_dim", "intermediate_size"), ("n_shared_experts", "n_shared_experts"),
+                                       ("n_dense_layers", "first_k_dense_replace")])
+def test_official_config_lacking_a_size_is_an_error(tmp_path, name, ours):
+    # ModelArgs would fill these with a 16B-like model's values, and our defaults are the toy's.
+    path = _write(tmp_path, _without(OFFICIAL_671B, name))
+    with pytest.raises(ValueError, match=_esc(f"lacks required field {name!r} ({ours})")):
+        load_config(path)
+
+
+def test_official_config_without_yarn_or_score_func_gets_the_official_defaults(tmp_path):
+    data = _without(OFFICIAL_671B, "score_func") | {"rope_factor": 1, "max_seq_len": 8192}
+    c = load_config(_write(tmp_path, data))
+    assert c.rope_scaling is None and c.max_position_embeddings == 8192    # ModelArgs.max_seq_len
+    assert c.scoring_func == "softmax"                                     # ModelArgs.score_func
+    assert load_config(_write(tmp_path, _without(data, "max_seq_len"), "d.json")).max_position_embeddings == 16384
+
+
+WRONG_TYPES = {
+    "int_as_string": ("hidden_size", "512", "hidden_size must be an int, got str '512'"),
+    "int_as_float": ("hidden_size", 512.0, "hidden_size must be an int, got float 512.0"),
+    "int_as_bool": ("num_hidden_layers", True, "num_hidden_layers must be an int, got bool True"),
+    "int_as_null": ("vocab_size", None, "vocab_size must be an int, got null"),
+    "optional_int_as_string": ("kv_lora_rank", "32", "kv_lora_rank must be an int or null, got str '32'"),
+    "bool_as_string": ("tie_word_embeddings", "false",
+                       "tie_word_embeddings must be a bool (true or false), got str 'false'"),
+    "bool_as_int": ("attention_bias", 0, "attention_bias must be a bool (true or false), got int 0"),
+    "float_as_string": ("rope_theta", "1e4", "rope_theta must be a number, got str '1e4'"),
+    "float_as_bool": ("rms_norm_eps", True, "rms_norm_eps must be a number, got bool True"),
+    "str_as_int": ("attn_impl", 1, "attn_impl must be a string, got int 1"),
+    "dict_as_list": ("rope_scaling", ["yarn", 40], "rope_scaling must be a dict or null, got list ['yarn', 40]"),
+    "token_id_as_list": ("eos_token_id", [1, 2], "eos_token_id must be an int or null, got list [1, 2]"),
+}
+
+
+@pytest.mark.parametrize("name,value,message", list(WRONG_TYPES.values()), ids=list(WRONG_TYPES))
+def test_wrong_json_type_is_a_clear_error_naming_the_file(tmp_path, name, value, message):
+    path = _write(tmp_path, load_config("toy-dense").to_dict() | {name: value})
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(info.value) == f"config file {str(path)!r}: {message}"
+
+
+@pytest.mark.parametrize("name,value,message", list(WRONG_TYPES.values()), ids=list(WRONG_TYPES))
+def test_wrong_type_is_the_same_clear_error_from_the_constructor(name, value, message):
+    with pytest.raises(ValueError) as info:
+        ModelConfig(**(load_config("toy-dense").to_dict() | {name: value}))
+    assert str(info.value) == message
+
+
+def test_wrong_type_of_a_moe_number_is_a_value_error_not_a_type_error():
+    # Before the type check, '"2.5" > 0' escaped as a TypeError from deep in validate().
+    with pytest.raises(ValueError, match=_esc("routed_scaling_factor must be a number, got str '2.5'")):
+        load_config("toy", routed_scaling_factor="2.5")
+
+
+def test_ints_in_float_fields_load_as_floats(tmp_path):
+    data = load_config("toy").to_dict() | {"rope_theta": 10000, "routed_scaling_factor": 2, "rms_norm_eps": 1}
+    c = load_config(_write(tmp_path, data))
+    assert (c.rope_theta, c.routed_scaling_factor, c.rms_norm_eps) == (10000.0, 2.0, 1.0)
+    assert all(isinstance(v, float) for v in (c.rope_theta, c.routed_scaling_factor, c.rms_norm_eps))
+    assert load_config("toy", rope_theta=500).rope_theta == 500     # the constructor accepts ints too

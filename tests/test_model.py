@@ -3,10 +3,15 @@ seeded initialisation and input validation."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
+from functools import cache
+
 import pytest
 import torch
 
 from deepseek_mini import build_model, count_parameters, load_config
+from deepseek_mini.config import METADATA_FIELDS, ModelConfig
 from deepseek_mini.attention import Attention
 from deepseek_mini.layers import MLP, RMSNorm
 from deepseek_mini.model import Transformer
@@ -88,10 +93,10 @@ def test_build_on_meta_device(name):
 
 
 def test_deepseek_v3_on_meta_builds_with_reference_counts():
-    # REFERENCE.md derived numbers: 671.03B total (main model, MTP excluded), 37.55B activated
-    # per token including embedding and head (8 of 256 routed experts + the shared one).
-    m = build_model("deepseek-v3", device="meta")
-    count = count_parameters(m)
+    # book/facts.md: 671.03B total (main model, MTP excluded), 37.55B activated per token
+    # including embedding and head (8 of 256 routed experts + the shared one). The preset keeps
+    # V3's YaRN and MTP, which build_model refuses; count_parameters builds the main model.
+    count = count_parameters("deepseek-v3")
     assert round(count.total / 1e9, 2) == 671.03
     assert round(count.activated / 1e9, 2) == 37.55
     assert round((count.activated - count.embedding - count.head) / 1e9, 2) == 35.70
@@ -221,3 +226,121 @@ def test_wrong_cache_length_raises(model):
 def test_build_model_from_preset_name_and_transformer_class():
     m = build_model("toy", device="meta")
     assert isinstance(m, Transformer) and m.config == load_config("toy")
+
+
+# ------------------------------------------------------------- no field silently ignored (issue #9)
+YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
+TINY_TOY = dict(TINY, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                moe_intermediate_size=16, first_k_dense_replace=1, routed_scaling_factor=2.5)
+BASES = {"dense": load_config("toy-dense", **TINY), "toy": load_config("toy", **TINY_TOY)}
+
+# Field -> (base, another valid value): building with the other value must change the model.
+CONSUMED = {
+    "vocab_size": ("dense", 300), "hidden_size": ("dense", 64), "num_hidden_layers": ("dense", 3),
+    "intermediate_size": ("dense", 96), "rms_norm_eps": ("dense", 0.5), "initializer_range": ("dense", 0.05),
+    "tie_word_embeddings": ("dense", True), "max_position_embeddings": ("dense", 48),
+    "num_attention_heads": ("dense", 8), "num_key_value_heads": ("dense", 2), "attention_bias": ("dense", True),
+    "rope_theta": ("dense", 500.0),
+    "q_lora_rank": ("toy", 16), "kv_lora_rank": ("toy", 8), "qk_nope_head_dim": ("toy", 16),
+    "qk_rope_head_dim": ("toy", 8), "v_head_dim": ("toy", 16), "attn_impl": ("toy", "naive"),
+    "n_routed_experts": ("toy", 16), "n_shared_experts": ("toy", 2), "num_experts_per_tok": ("toy", 3),
+    "n_group": ("toy", 2), "topk_group": ("toy", 1), "routed_scaling_factor": ("toy", 1.0),
+    "moe_intermediate_size": ("toy", 32), "first_k_dense_replace": ("toy", 0), "norm_topk_prob": ("toy", False),
+    "scoring_func": ("toy", "softmax"), "topk_method": ("toy", "greedy"),
+}
+# Field -> (value a later chapter builds, what the error names): build_model refuses the value.
+REFUSED = {
+    "rope_scaling": (YARN, r"rope_scaling \(YaRN\) is built in chapter 07: set rope_scaling to None"),
+    "num_nextn_predict_layers": (1, r"num_nextn_predict_layers = 1 > 0 \(Multi-Token Prediction\) is built "
+                                    r"in chapter 04: set num_nextn_predict_layers to 0"),
+    "rope_interleave": (False, r"rope_interleave=False .* set rope_interleave to true"),
+}
+
+
+def fingerprint(config: ModelConfig) -> tuple:
+    """What a config decides: parameter and buffer shapes, cache layout, and the logits of fixed tokens."""
+    return _fingerprint(config.to_json())
+
+
+@cache
+def _fingerprint(config_json: str) -> tuple:
+    model = build_model(ModelConfig(**json.loads(config_json)), seed=0).eval()
+    tokens = torch.arange(2 * 12).reshape(2, 12) * 7 % 260
+    with torch.no_grad():
+        logits = model(tokens)
+    caches = [(type(c).__name__, [tuple(t.shape) for t in vars(c).values() if isinstance(t, torch.Tensor)])
+              for c in model.new_cache(1, 4)]
+    return ([(n, tuple(p.shape)) for n, p in model.named_parameters()],
+            [(n, tuple(b.shape)) for n, b in model.named_buffers()], caches, logits)
+
+
+def same_model(a: tuple, b: tuple) -> bool:
+    return a[:3] == b[:3] and a[3].shape == b[3].shape and torch.equal(a[3], b[3])
+
+
+def test_fingerprint_is_deterministic_so_a_difference_means_the_field_mattered():
+    for base in BASES.values():
+        assert same_model(_fingerprint.__wrapped__(base.to_json()), fingerprint(base))
+
+
+def test_every_config_field_is_consumed_refused_or_listed_as_metadata():
+    names = [f.name for f in fields(ModelConfig)]
+    for name in names:
+        kinds = [kind for kind, table in (("consumed", CONSUMED), ("refused", REFUSED),
+                                          ("metadata", METADATA_FIELDS)) if name in table]
+        assert len(kinds) == 1, (f"ModelConfig.{name} is {kinds or 'unaccounted for'}: make the model read it "
+                                 "(and add a probe to CONSUMED), refuse it in build_model, or list it with a "
+                                 "reason in config.METADATA_FIELDS")
+    assert set(CONSUMED) | set(REFUSED) | set(METADATA_FIELDS) == set(names)
+    assert all(len(reason) > 20 for reason in METADATA_FIELDS.values())
+
+
+@pytest.mark.parametrize("name", sorted(CONSUMED))
+def test_changing_a_consumed_field_changes_the_built_model(name):
+    base_name, value = CONSUMED[name]
+    base = BASES[base_name]
+    assert getattr(base, name) != value
+    assert not same_model(fingerprint(base), fingerprint(base.replace(**{name: value}))), \
+        f"{name}={value!r} builds the same model as {getattr(base, name)!r}: the field is ignored"
+
+
+@pytest.mark.parametrize("name", sorted(set(METADATA_FIELDS) - {"hidden_act"}))
+def test_metadata_fields_do_not_change_the_model(name):
+    # A field that starts to change the model must leave METADATA_FIELDS for CONSUMED.
+    base = BASES["dense"]
+    assert getattr(base, name) != 5
+    assert same_model(fingerprint(base), fingerprint(base.replace(**{name: 5})))
+
+
+def test_hidden_act_has_one_valid_value():
+    with pytest.raises(ValueError, match="hidden_act"):
+        load_config("toy-dense", hidden_act="gelu")
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_build_model_refuses_what_a_later_chapter_builds(name, device):
+    value, pattern = REFUSED[name]
+    config = BASES["toy"].replace(**{name: value})
+    with pytest.raises(NotImplementedError, match=pattern) as info:
+        build_model(config, device=device)
+    assert "\n" not in str(info.value)
+    with pytest.raises(NotImplementedError, match=pattern):
+        Transformer(config)                     # the class itself refuses, not only the builder
+    assert count_parameters(config) == count_parameters(BASES["toy"])   # none adds a main-model weight
+
+
+def test_attention_bias_with_mla_is_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match=r"attention_bias=True with MLA is not built.*set attention_bias to false"):
+        build_model(BASES["toy"].replace(attention_bias=True), device="meta")
+
+
+def test_deepseek_v3_preset_keeps_official_values_and_build_model_names_both_chapters():
+    v3 = load_config("deepseek-v3")
+    assert v3.rope_scaling["factor"] == 40 and v3.num_nextn_predict_layers == 1
+    with pytest.raises(NotImplementedError, match=r"chapter 07.*; num_nextn_predict_layers = 1 .*chapter 04"):
+        build_model("deepseek-v3", device="meta")
+    # What the error says to change is enough to build (checked on a 4-layer V3, one MoE layer, for speed).
+    small = v3.replace(num_hidden_layers=4, rope_scaling=None, num_nextn_predict_layers=0)
+    assert build_model(small, device="meta").config == small
