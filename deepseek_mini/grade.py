@@ -13,16 +13,17 @@ check cell with ``pass``, deletes a check cell or pastes an exercise twice chang
 * the learner's check cells are never run; for each exercise the spec's check source runs
   instead, right after the learner's solution cell (matched by nbgrader ``grade_id``);
 * before each check, every ``deepseek_mini`` module is dropped from ``sys.modules`` and
-  ``deepseek_mini.checks`` is imported afresh, so a solution cell that monkeypatches
-  ``checks.check_*`` (or the reference it compares with) cannot fake a pass;
+  ``deepseek_mini.checks`` is imported afresh (and must be the grader's own file), so a
+  solution cell that monkeypatches ``checks.check_*`` or the reference it compares with,
+  or writes a fake ``deepseek_mini`` package next to the notebook, cannot fake a pass;
 * points come from the spec; an exercise whose solution cell is gone scores 0 ("missing");
   when a solution cell appears twice, the last copy is graded, once.
 
 Which chapter a notebook is: its metadata says, and nothing may contradict it. A notebook
 without a chapter id, or with one this package does not know, cannot be graded. A notebook
 is refused as "another chapter" when ``--chapter`` names a different one, when its file
-name starts with another chapter's number (``01_...`` holding chapter 02), or when it holds
-exercise cells (``grade_id``) of another chapter. So chapter 02 saved as chapter 01 is
+name starts with a different chapter number (``01_...`` holding chapter 02; other names
+are free), or when it holds exercise cells (``grade_id``) of another chapter. So chapter 02 saved as chapter 01 is
 refused whether or not its metadata was edited too.
 
 The other cells (imports, helpers, scratch work) are set-up cells and run in order. One
@@ -49,6 +50,7 @@ bad ``--json`` path).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -73,14 +75,18 @@ _CHAPTER_NUMBER = re.compile(r"^(\d{2})_")
 NOT_RUN = "not run (set-up failed)"
 
 # Run in the learner's kernel before every check: a fresh deepseek_mini (checks and the
-# references they import), bound to the name the spec's check sources use.
+# references they import), bound to the name the spec's check sources use, and refused when
+# it is not the grader's own file (a `deepseek_mini/` folder written next to the notebook).
 _FRESH_CHECKS = """\
-def _deepseek_mini_fresh_checks():
-    import importlib, sys
+def _deepseek_mini_fresh_checks(expected):
+    import importlib, os, sys
     for name in [n for n in sys.modules if n.split(".")[0] == "deepseek_mini"]:
         del sys.modules[name]
-    return importlib.import_module("deepseek_mini.checks")
-checks = _deepseek_mini_fresh_checks()
+    module = importlib.import_module("deepseek_mini.checks")
+    if os.path.realpath(module.__file__) != expected:
+        raise ImportError(f"deepseek_mini.checks came from {{module.__file__}}, not the grader's copy {{expected}}")
+    return module
+checks = _deepseek_mini_fresh_checks({expected!r})
 del _deepseek_mini_fresh_checks
 """
 
@@ -272,10 +278,15 @@ class _Runner:
 
     def check(self, source: str) -> tuple[str, str]:
         """Run a check from the spec against a freshly imported ``deepseek_mini.checks``."""
-        kind, message = self.run_source(_FRESH_CHECKS)
+        kind, message = self.run_source(_FRESH_CHECKS.format(expected=_checks_file()))
         if kind != "ok":
             return kind, f"the grader could not import a fresh deepseek_mini.checks: {message}"
         return self.run_source(source)
+
+
+def _checks_file() -> str:
+    """Where the grader's own ``deepseek_mini.checks`` lives (found without importing it)."""
+    return os.path.realpath(importlib.util.find_spec("deepseek_mini.checks").origin)
 
 
 def _status_of(kind: str, message: str, in_solution: bool) -> tuple[str, str]:

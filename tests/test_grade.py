@@ -188,6 +188,19 @@ def test_a_failing_set_up_cell_is_reported_once_and_a_deleted_exercise_is_missin
     assert main([str(tmp_path / "learner.ipynb")]) == EXIT_POINTS_LOST  # graded, not "cannot grade"
 
 
+def test_a_fake_checks_package_written_by_a_solution_cell_earns_nothing(tmp_path):
+    nb = nbformat.read(REPO / "exercises" / "03_moe.ipynb", as_version=4)
+    _cell(nb, "group_limited_topk").source += (
+        "\n\nimport pathlib\n"
+        "fake = pathlib.Path('deepseek_mini')\n"
+        "fake.mkdir()\n"
+        "(fake / '__init__.py').write_text('')\n"
+        "(fake / 'checks.py').write_text('def __getattr__(name):\\n    return lambda fn: None\\n')\n")
+    report = grade_notebook(_save(nb, tmp_path / "03_moe.ipynb"), timeout=60)
+    assert (report.total, report.max_total) == (0, 8), report.table()
+    assert all(e.status == "error" and "not the grader's copy" in e.message for e in report.exercises)
+
+
 def _refuse_to_run(monkeypatch):
     """Make any attempt to start a kernel fail the test: refusals happen before running anything."""
     def no_kernel(*args, **kwargs):
@@ -221,6 +234,12 @@ def test_a_notebook_of_another_or_no_chapter_is_refused(tmp_path, capsys, monkey
     assert main([str(_chapter_02(tmp_path, name, chapter)), *args]) == EXIT_NOT_GRADED
     err = capsys.readouterr().err
     assert err.startswith("cannot grade:") and reason in err, err
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 2.5])
+def test_grade_notebook_rejects_a_bad_timeout(timeout):
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        grade_notebook(REPO / "exercises" / "02_mla.ipynb", timeout=timeout)
 
 
 @pytest.mark.parametrize("target, reason", [(".", "is a directory"), ("no_such_folder/grades.json", "does not exist")])
