@@ -24,6 +24,8 @@ _PUBLIC = {
     "count_parameters": "deepseek_mini.model",
     "ParameterCount": "deepseek_mini.model",
     "Transformer": "deepseek_mini.model",
+    "from_pretrained": "deepseek_mini.pretrained",
+    "save_pretrained": "deepseek_mini.pretrained",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -301,6 +301,7 @@ class ModelConfig:
         if "dim" in data and "n_layers" in data:
             _check_required_official(data, source)
             data = _from_official(data)
+        data = _from_hf(data, source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_HF_KEYS)
         if unknown:
@@ -439,6 +440,68 @@ _IGNORED_HF_KEYS = frozenset({
     "use_cache", "pretraining_tp", "quantization_config", "aux_loss_alpha", "seq_aux",
     "ep_size", "moe_layer_freq", "attention_dropout", "head_dim", "_name_or_path",
 })
+
+# transformers 5.x writes these DeepseekV3Config keys: runtime switches (what a forward pass
+# returns), label bookkeeping, and values derived from other fields; none builds anything.
+_HF_RUNTIME_KEYS = frozenset({
+    "output_router_logits", "router_aux_loss_coef", "output_hidden_states", "output_attentions",
+    "return_dict", "id2label", "label2id", "problem_type", "tokenizer_class",
+    "chunk_size_feed_forward", "is_encoder_decoder",
+})
+
+
+def _from_hf(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Map a transformers 5.x ``DeepseekV3Config`` JSON onto our fields (HF names otherwise).
+
+    * ``rope_parameters`` (``{"rope_type": "default" | "yarn", "rope_theta": ..., ...}``)
+      becomes ``rope_theta`` plus ``rope_scaling`` (None for ``"default"``); the older
+      layout, top-level ``rope_theta`` and ``rope_scaling``, passes through unchanged.
+    * ``qk_head_dim`` is derived (d_h + d_h^R): checked, then dropped.
+    * ``num_mtp_layers`` is transformers' alias of ``num_nextn_predict_layers``.
+    * runtime keys (``output_router_logits`` ...) are dropped.
+    """
+    data = {k: v for k, v in data.items() if k not in _HF_RUNTIME_KEYS}
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    if "num_mtp_layers" in data:
+        depth = data.pop("num_mtp_layers")
+        if data.setdefault("num_nextn_predict_layers", depth) != depth:
+            raise ValueError(f"{source}: num_mtp_layers ({depth!r}) and num_nextn_predict_layers "
+                             f"({data['num_nextn_predict_layers']!r}) disagree; they name the same field")
+    if "rope_parameters" in data:
+        params = data.pop("rope_parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise ValueError(f"{source}: rope_parameters ({params!r}) must be a dict like "
+                                 "{'rope_type': 'default', 'rope_theta': 10000.0}")
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+            if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+                scaling = None
+            theta = params.get("rope_theta", data.get("rope_theta", defaults["rope_theta"]))
+            if ("rope_theta" in data and data["rope_theta"] != theta) or (
+                    "rope_scaling" in data and not _same_rope_scaling(scaling, data["rope_scaling"])):
+                raise ValueError(f"{source}: rope_theta/rope_scaling disagree with rope_parameters "
+                                 f"({params!r}); keep rope_parameters only")
+            data["rope_theta"], data["rope_scaling"] = theta, scaling
+    if "qk_head_dim" in data:
+        qk = data.pop("qk_head_dim")
+        nope = data.get("qk_nope_head_dim", defaults["qk_nope_head_dim"])
+        rope = data.get("qk_rope_head_dim", defaults["qk_rope_head_dim"])
+        if not (isinstance(nope, int) and isinstance(rope, int) and qk == nope + rope):
+            raise ValueError(f"{source}: qk_head_dim ({qk!r}) must equal qk_nope_head_dim + qk_rope_head_dim "
+                             f"({nope!r} + {rope!r}); it is derived, so it may also be left out")
+    return data
+
+
+def _same_rope_scaling(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Two rope_scaling dicts describe the same scaling ('type' and 'rope_type' are synonyms)."""
+    if a is None or b is None:
+        return a is b
+    if not isinstance(b, dict):
+        return False
+    synonyms = ("type", "rope_type")
+    return (a.get("rope_type", a.get("type")) == b.get("rope_type", b.get("type"))
+            and {k: v for k, v in a.items() if k not in synonyms} == {k: v for k, v in b.items() if k not in synonyms})
+
 
 # Official inference/configs/*.json (ModelArgs) -> HF DeepseekV3Config names.
 _OFFICIAL_TO_HF = {

@@ -1,0 +1,521 @@
+"""Checkpoints in and out: Hugging Face DeepSeek-V3 weights <-> deepseek_mini.
+
+DeepSeek-V3's weights are published in the Hugging Face layout: a ``config.json`` and
+``model.safetensors`` (or shards listed by ``model.safetensors.index.json``). Our modules keep
+the official inference code's names instead (``wq_a``, ``wkv_b``, ``ffn.w1`` ...), so this
+module is the one explicit adapter between the two (the torchtitan pattern):
+
+============================================================  =====================================
+Hugging Face (``model.layers.{i}.`` prefix inside a layer)     deepseek_mini (``layers.{i}.``)
+============================================================  =====================================
+``model.embed_tokens.weight``, ``model.norm.weight``,         ``embed.weight``, ``norm.weight``,
+``lm_head.weight``                                            ``head.weight``
+``input_layernorm``, ``post_attention_layernorm``             ``attn_norm``, ``ffn_norm``
+``self_attn.q_a_proj``, ``q_a_layernorm``, ``q_b_proj``       ``attn.wq_a``, ``attn.q_norm``,
+(or ``q_proj``)                                               ``attn.wq_b`` (or ``attn.wq``)
+``self_attn.kv_a_proj_with_mqa``, ``kv_a_layernorm``,         ``attn.wkv_a``, ``attn.kv_norm``,
+``kv_b_proj``, ``o_proj``                                     ``attn.wkv_b``, ``attn.wo``
+``mlp.gate_proj``, ``up_proj``, ``down_proj`` (dense layer)   ``ffn.w1``, ``ffn.w3``, ``ffn.w2``
+``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``     ``ffn.gate.weight``, ``ffn.gate.bias``
+``mlp.shared_experts.{gate,up,down}_proj``                    ``ffn.shared_experts.w1/w3/w2``
+``mlp.experts.{e}.{gate,up,down}_proj`` (released layout)     ``ffn.experts.{e}.w1/w3/w2``
+``mlp.experts.gate_up_proj`` (E, 2I, d), ``down_proj``        the same, fused in transformers 5.x:
+(E, d, I)                                                     rows [0, I) of expert e are w1
+============================================================  =====================================
+
+The router bias ``e_score_correction_bias`` is b_i of DeepSeek-V3 §2.1.2 (eq. 16), kept in FP32.
+
+Three details of the released checkpoint (arXiv 2412.19437; ``book/facts.md``):
+
+* **FP8 weights.** The linear weights are stored in E4M3 with one FP32 ``weight_scale_inv`` per
+  128 x 128 block (§3.3.2); the value is the block times its scale.
+  :func:`dequantize_fp8_blockwise` restores it while loading, one tensor at a time.
+* **The MTP module** (§2.2) is stored as one more layer, ``model.layers.61``; Multi-Token
+  Prediction is chapter 04, so the loader skips it, says so, and builds the main model.
+* **RoPE layout.** Our RoPE rotates interleaved pairs (x0, x1), (x2, x3) ..., like the
+  official code and transformers' ``rope_interleave=True``. A score q . k is unchanged when the
+  same permutation reorders the rope channels of both q and k, so such checkpoints load as
+  they are; one written with ``rope_interleave=False`` (pairs (x_j, x_{j+d/2})) has its rope
+  rows of ``q_b_proj`` and ``kv_a_proj_with_mqa`` reordered into interleaved pairs on load.
+
+Loading streams: the model is laid out on the meta device, allocated once (``to_empty``) and
+filled tensor by tensor from the memory-mapped files, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import Transformer, build_model
+
+__all__ = ["from_pretrained", "save_pretrained", "hf_config_dict", "dequantize_fp8_blockwise"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"            # "<name>.weight" -> "<name>.weight_scale_inv"
+FP8_BLOCK = (128, 128)                 # §3.3.2: one weight scale per 128 x 128 block
+MAX_SHARD_BYTES = 5 * 2**30            # transformers' default shard size
+ExpertLayout = Literal["per_expert", "fused"]
+
+# Hugging Face name -> ours, outside the decoder layers.
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
+# Inside layer i: "model.layers.{i}.<HF suffix>" -> "layers.{i}.<our suffix>".
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.q_a_proj.weight": "attn.wq_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn.wkv_a.weight",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.wkv_b.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.gate_proj.weight": "ffn.w1.weight",
+    "mlp.up_proj.weight": "ffn.w3.weight",
+    "mlp.down_proj.weight": "ffn.w2.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
+    "mlp.gate.weight": "ffn.gate.weight",
+    "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
+}
+_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # SwiGLU: w2(silu(w1 x) * w3 x)
+_OUR_LAYER_NAMES = {ours: hf for hf, ours in _LAYER_NAMES.items()}
+_OUR_TOP_NAMES = {ours: hf for hf, ours in _TOP_NAMES.items()}
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_OUR_EXPERT_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+# ----------------------------------------------------------------------------- FP8
+def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
+                             block_size: tuple[int, int] = FP8_BLOCK,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 weight (..., N, K) times its per-block scales (..., ceil(N/bn), ceil(K/bk)).
+
+    DeepSeek-V3 stores each 128 x 128 block of a linear weight in E4M3 with one FP32 scale
+    (§3.3.2); the value is ``block * weight_scale_inv`` (the official ``weight_dequant``). Edge
+    blocks may be ragged: a 300-row weight has three row blocks of 128, 128 and 44 rows.
+    """
+    bn, bk = block_size
+    n, k = weight.shape[-2:]
+    expected = (*weight.shape[:-2], math.ceil(n / bn), math.ceil(k / bk))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"FP8 weight of shape {tuple(weight.shape)} with {bn}x{bk} blocks needs scales of "
+                         f"shape {expected}, got {tuple(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return (weight.float() * scale).to(dtype)
+
+
+# ------------------------------------------------------------------- config.json
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """``config`` as a transformers 5.x ``DeepseekV3Config`` JSON object (``rope_parameters`` layout).
+
+    Our ``greedy`` router is written as ``noaux_tc`` with one group (plain top-k of s_i + b_i),
+    which is what it computes; a model without MoE layers gets ``first_k_dense_replace =
+    num_hidden_layers`` and placeholder expert counts that build nothing.
+    """
+    _check_exportable(config)
+    rope = {"rope_type": "default"} if config.rope_scaling is None else {
+        **{k: v for k, v in config.rope_scaling.items() if k != "type"},
+        "rope_type": config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))}
+    grouped = config.topk_method == "noaux_tc"
+    moe = {
+        "n_routed_experts": config.n_routed_experts, "n_shared_experts": config.n_shared_experts,
+        "num_experts_per_tok": config.num_experts_per_tok, "moe_intermediate_size": config.moe_intermediate_size,
+        "n_group": config.n_group if grouped else 1, "topk_group": config.topk_group if grouped else 1,
+        "first_k_dense_replace": config.first_k_dense_replace,
+    } if config.uses_moe else {
+        "n_routed_experts": 1, "n_shared_experts": 0, "num_experts_per_tok": 1, "moe_intermediate_size": 1,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": config.num_hidden_layers,
+    }
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_attention_heads,
+        "q_lora_rank": config.q_lora_rank, "kv_lora_rank": config.kv_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim, "qk_rope_head_dim": config.qk_rope_head_dim,
+        "qk_head_dim": config.qk_head_dim, "head_dim": config.qk_rope_head_dim, "v_head_dim": config.v_head_dim,
+        "attention_bias": False, "attention_dropout": 0.0,
+        **moe,
+        "routed_scaling_factor": config.routed_scaling_factor, "norm_topk_prob": config.norm_topk_prob,
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "hidden_act": config.hidden_act, "rms_norm_eps": config.rms_norm_eps,
+        "initializer_range": config.initializer_range, "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta}, "rope_interleave": True,
+        "tie_word_embeddings": config.tie_word_embeddings, "num_nextn_predict_layers": 0,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id, "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    """The DeepseekV3 checkpoint layout describes MLA with a sigmoid, bias-corrected router only."""
+    if not config.uses_mla:
+        raise ValueError("the DeepSeek-V3 checkpoint layout needs Multi-head Latent Attention "
+                         "(kv_lora_rank set); this model uses baseline multi-head attention")
+    if config.uses_moe and config.scoring_func != "sigmoid":
+        raise ValueError(f"scoring_func ({config.scoring_func!r}): transformers' DeepseekV3 router uses "
+                         "sigmoid affinities only (DeepSeek-V3 eq. 15)")
+
+
+def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, int, bool]:
+    """The config to build, the checkpoint's MTP depth, and whether rope rows need interleaving."""
+    config = ModelConfig.from_dict(raw, source=source)
+    mtp_depth, interleaved = config.num_nextn_predict_layers, config.rope_interleave
+    if not config.uses_mla:
+        raise ValueError(f"{source}: no kv_lora_rank; DeepSeek-V3 checkpoints use Multi-head Latent Attention")
+    if config.attention_bias:
+        raise ValueError(f"{source}: attention_bias is true, but deepseek_mini's MLA has no projection "
+                         "biases (DeepSeek-V3 uses none)")
+    if config.uses_moe and (config.scoring_func, config.topk_method) != ("sigmoid", "noaux_tc"):
+        raise ValueError(f"{source}: scoring_func {config.scoring_func!r} with topk_method {config.topk_method!r}; "
+                         "the DeepseekV3 layout means sigmoid affinities with group-limited top-k ('noaux_tc')")
+    changes: dict[str, Any] = {"num_nextn_predict_layers": 0, "rope_interleave": True}
+    if config.uses_moe and config.first_k_dense_replace >= config.num_hidden_layers:
+        changes["n_routed_experts"] = None   # no layer is MoE: the expert fields describe nothing
+    config = config.replace(**changes, **overrides)
+    if config.rope_scaling is not None:
+        kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+        raise NotImplementedError(
+            f"{source}: rope_scaling {kind!r} (YaRN, DeepSeek-V3 §4.3) is chapter 07 and not built yet. "
+            "To load the weights with plain RoPE anyway, pass rope_scaling=None to from_pretrained "
+            "(outputs then differ from the reference: YaRN's frequencies and softmax scale are not applied)")
+    return config, mtp_depth, not interleaved
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _checkpoint_dtype(raw: dict[str, Any]) -> torch.dtype:
+    """The floating dtype config.json records (``dtype``, older ``torch_dtype``); float32 if none."""
+    name = raw.get("dtype", raw.get("torch_dtype"))
+    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+# ----------------------------------------------------------------------- loading
+def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", **overrides: Any) -> Transformer:
+    """Load a Hugging Face DeepSeek-V3 checkpoint directory into a :class:`Transformer` (eval mode).
+
+    Reads ``config.json`` (transformers 5.x or the older layout) and ``model.safetensors``
+    or the shards of ``model.safetensors.index.json``, tensor by tensor. Both expert layouts
+    load (fused 3-D or per expert), FP8 weights are dequantised, the MTP layer is skipped with
+    a warning (chapter 04) and the model is built with ``num_nextn_predict_layers = 0``.
+
+    ``dtype`` defaults to the one config.json records (bfloat16 for DeepSeek-V3; float32 when
+    absent). ``overrides`` replace config fields before building, e.g. ``attn_impl="naive"``, or
+    ``rope_scaling=None`` to load a YaRN checkpoint before chapter 07 (with plain RoPE).
+    Raises ``ValueError`` naming the tensor and the file for a missing, unexpected or
+    mis-shaped weight.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint directory {str(directory)!r} does not exist (or is not a directory)")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{directory} has no {CONFIG_FILE}: not a Hugging Face checkpoint directory")
+    raw = _read_json(config_path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    if dtype is not None and dtype not in _DTYPES.values():
+        raise ValueError(f"dtype ({dtype}) must be one of {', '.join(map(str, _DTYPES.values()))}")
+    dtype = _checkpoint_dtype(raw) if dtype is None else dtype
+    config, mtp_depth, permute_rope = _checkpoint_config(raw, f"config file {str(config_path)!r}", overrides)
+    locations, where = _tensor_locations(directory)
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", FP8_BLOCK))
+
+    model = build_model(config, device="meta", dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:        # to_empty() made new parameters: tie the head again
+        model.head.weight = model.embed.weight
+    loader = _Loader(model, config, locations, where, mtp_depth, permute_rope, block)
+    loader.load(directory)
+    _reset_runtime_buffers(model)
+    return model.eval()
+
+
+def _tensor_locations(directory: Path) -> tuple[dict[str, str], str]:
+    """Tensor name -> file name, from model.safetensors or the sharded index; and what to call it."""
+    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: WEIGHTS_FILE for name in f.keys()}, str(single)
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' object naming each tensor's shard")
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise ValueError(f"{index} lists the shard {shard}, which is not in {directory}")
+        return dict(weight_map), str(index)
+    raise ValueError(f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+
+
+class _Loader:
+    """Copies every checkpoint tensor into the model's state, with the checks that name it."""
+
+    def __init__(self, model: Transformer, config: ModelConfig, locations: dict[str, str], where: str,
+                 mtp_depth: int, permute_rope: bool, block: tuple[int, ...]) -> None:
+        self.model, self.config, self.locations, self.where = model, config, locations, where
+        self.permute_rope, self.block = permute_rope, block
+        self.targets = model.state_dict(keep_vars=True)
+        self.pending = set(self.targets) - ({"head.weight"} if config.tie_word_embeddings else set())
+        n = config.num_hidden_layers
+        self.mtp_layers = sorted({layer for name in locations if (layer := _layer_of(name)) is not None
+                                  and n <= layer < n + mtp_depth})
+        self.used_scales: set[str] = set()
+
+    def load(self, directory: Path) -> None:
+        for layer in self.mtp_layers:
+            warnings.warn(f"skipping the MTP layer model.layers.{layer} (Multi-Token Prediction is chapter 04); "
+                          "the model is built with num_nextn_predict_layers=0", stacklevel=3)
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.locations.items():
+            by_file.setdefault(file, []).append(name)
+        with ExitStack() as stack, torch.no_grad():
+            handles: dict[str, Any] = {}
+
+            def open_file(file: str):
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(str(directory / file), framework="pt"))
+                return handles[file]
+
+            for file, names in by_file.items():
+                for name in sorted(names):
+                    if not name.endswith(SCALE_SUFFIX) and _layer_of(name) not in self.mtp_layers:
+                        self._load_tensor(name, file, open_file)
+        unused = sorted(s for s in self.locations if s.endswith(SCALE_SUFFIX) and s not in self.used_scales
+                        and _layer_of(s) not in self.mtp_layers)
+        if unused:
+            raise ValueError(f"unexpected tensor {unused[0]} in {self.where}: a scale without an FP8 weight "
+                             f"{unused[0].removesuffix(SCALE_SUFFIX)}")
+        if self.pending:
+            missing = [_hf_name(key) for key in self.targets if key in self.pending]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"missing tensor {missing[0]}{more} in {self.where}")
+
+    def _load_tensor(self, name: str, file: str, open_file: Callable[[str], Any]) -> None:
+        pieces = self._pieces(name, file)
+        if not pieces:
+            return
+        handle = open_file(file)
+        view = handle.get_slice(name)
+        shape, expected = tuple(view.get_shape()), self._expected_shape(name, pieces)
+        if shape != expected:
+            raise ValueError(f"tensor {name} in {file} has shape {shape}, expected {expected} "
+                             f"(for {pieces[0][0]}{' ...' if len(pieces) > 1 else ''})")
+        scale_name = name + SCALE_SUFFIX
+        fp8 = view.get_dtype().startswith("F8")
+        if fp8 and scale_name not in self.locations:
+            raise ValueError(f"FP8 tensor {name} in {file} has no {scale_name} to dequantise it with")
+        if not fp8 and scale_name in self.locations:
+            raise ValueError(f"unexpected tensor {scale_name} in {self.where}: {name} is not FP8 "
+                             f"(dtype {view.get_dtype()})")
+        scales = open_file(self.locations[scale_name]).get_slice(scale_name) if fp8 else None
+        self.used_scales.add(scale_name)
+        experts = sorted({expert for _, expert, _ in pieces}, key=lambda e: -1 if e is None else e)
+        for expert in experts:     # fused layout: read one expert at a time, never the whole (E, 2I, d)
+            value = view[expert] if expert is not None else handle.get_tensor(name)
+            if fp8:
+                scale = scales[expert] if expert is not None else scales[:]
+                try:
+                    value = dequantize_fp8_blockwise(value, scale, self.block)
+                except ValueError as exc:
+                    raise ValueError(f"tensor {name} in {file}: {exc}") from None
+            for key, piece_expert, rows in pieces:
+                if piece_expert == expert:
+                    self._copy(key, value if rows is None else value[rows], name)
+
+    def _pieces(self, name: str, file: str) -> list[tuple[str, int | None, slice | None]]:
+        """Our (state key, expert index in a fused tensor, rows) receiving tensor ``name``."""
+        config = self.config
+        if name in _TOP_NAMES:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                return []                         # tied: the head is the embedding
+            return [(_TOP_NAMES[name], None, None)]
+        match = _LAYER_RE.fullmatch(name)
+        if match is None:
+            raise ValueError(f"unexpected tensor {name} in {file}: no deepseek_mini parameter corresponds to it")
+        layer, suffix = int(match[1]), match[2]
+        prefix = f"layers.{layer}."
+        if suffix in _FUSED and config.is_moe_layer(layer):
+            inter = config.moe_intermediate_size
+            if suffix == "mlp.experts.down_proj":
+                return [(f"{prefix}ffn.experts.{e}.w2.weight", e, None) for e in range(config.n_routed_experts)]
+            return [piece for e in range(config.n_routed_experts)       # (E, 2I, d): gate rows first
+                    for piece in ((f"{prefix}ffn.experts.{e}.w1.weight", e, slice(0, inter)),
+                                  (f"{prefix}ffn.experts.{e}.w3.weight", e, slice(inter, 2 * inter)))]
+        if (expert := _EXPERT_RE.fullmatch(suffix)) is not None:
+            key = f"{prefix}ffn.experts.{expert[1]}.{_EXPERT_NAMES[expert[2]]}.weight"
+        elif suffix.startswith("mlp.shared_experts.") and config.uses_moe and config.n_shared_experts == 0:
+            return []                             # transformers keeps zero-width shared experts
+        elif suffix in _LAYER_NAMES:
+            key = prefix + _LAYER_NAMES[suffix]
+        else:
+            raise ValueError(f"unexpected tensor {name} in {file}: no deepseek_mini parameter corresponds to it")
+        if key not in self.targets:
+            raise ValueError(f"unexpected tensor {name} in {file}: the model that config.json describes "
+                             f"has no {key}")
+        return [(key, None, None)]
+
+    def _expected_shape(self, name: str, pieces: list[tuple[str, int | None, slice | None]]) -> tuple[int, ...]:
+        first = tuple(self.targets[pieces[0][0]].shape)
+        if pieces[0][1] is None:
+            return first
+        rows = first[0] * (2 if name.endswith("gate_up_proj") else 1)
+        return (self.config.n_routed_experts, rows, first[1])
+
+    def _copy(self, key: str, value: torch.Tensor, name: str) -> None:
+        if key not in self.pending:
+            raise ValueError(f"tensor {name} in {self.where} loads {key} a second time: the checkpoint mixes "
+                             "the fused and the per-expert layouts, or repeats a tensor")
+        if self.permute_rope and key.endswith(("attn.wq.weight", "attn.wq_b.weight", "attn.wkv_a.weight")):
+            value = _interleave_rope_rows(value, key, self.config)
+        self.targets[key].copy_(value)
+        self.pending.discard(key)
+
+
+def _layer_of(name: str) -> int | None:
+    match = _LAYER_RE.fullmatch(name)
+    return int(match[1]) if match else None
+
+
+def _interleave_rope_rows(weight: torch.Tensor, key: str, config: ModelConfig) -> torch.Tensor:
+    """Reorder the rope output rows from half-split pairs (j, j + d/2) to interleaved (2j, 2j + 1).
+
+    Applied to the query and to the shared rope key alike, so q . k is the same sum in a new order.
+    """
+    dr = config.qk_rope_head_dim
+    order = torch.arange(dr).view(2, dr // 2).t().flatten()          # [0, d/2, 1, d/2 + 1, ...]
+    if key.endswith("wkv_a.weight"):                                 # rows: [c_kv (d_c); k_rope (d_h^R)]
+        return torch.cat([weight[:-dr], weight[-dr:][order]])
+    per_head = weight.view(config.num_attention_heads, config.qk_head_dim, -1)   # rows: per head [nope; rope]
+    nope, rope = per_head.split([config.qk_nope_head_dim, dr], dim=1)
+    return torch.cat([nope, rope[:, order]], dim=1).flatten(0, 1)
+
+
+def _reset_runtime_buffers(model: Transformer) -> None:
+    """Fill what no checkpoint holds: the RoPE tables and the MoE load counters."""
+    cos, sin = model._rope_tables()
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tokens_per_expert"):
+            buffer.zero_()
+
+
+# ------------------------------------------------------------------------ saving
+def _hf_name(key: str) -> str:
+    """Our state key -> its Hugging Face name in the released (per-expert) layout."""
+    if key in _OUR_TOP_NAMES:
+        return _OUR_TOP_NAMES[key]
+    if (expert := _OUR_EXPERT_RE.fullmatch(key)) is not None:
+        hf = {ours: hf for hf, ours in _EXPERT_NAMES.items()}[expert[3]]
+        return f"model.layers.{expert[1]}.mlp.experts.{expert[2]}.{hf}.weight"
+    layer, _, suffix = key.removeprefix("layers.").partition(".")
+    if suffix not in _OUR_LAYER_NAMES:
+        raise ValueError(f"{key} has no name in the DeepSeek-V3 checkpoint layout")
+    return f"model.layers.{layer}.{_OUR_LAYER_NAMES[suffix]}"
+
+
+def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
+    """(Hugging Face name, a function making the tensor, its size in bytes), in state-dict order."""
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if key == "head.weight" and model.config.tie_word_embeddings:
+            continue
+        expert = _OUR_EXPERT_RE.fullmatch(key)
+        if expert is None or layout == "per_expert":
+            yield _hf_name(key), (lambda t=tensor: t), tensor.numel() * tensor.element_size()
+        elif expert[2] == "0" and expert[3] == "w1":       # the layer's first expert: write the fused pair
+            moe, prefix = model.layers[int(expert[1])].ffn, f"model.layers.{expert[1]}.mlp.experts."
+            size = sum(p.numel() * p.element_size() for p in moe.experts.parameters())
+            yield (prefix + "gate_up_proj",
+                   lambda m=moe: torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in m.experts]),
+                   size * 2 // 3)
+            yield (prefix + "down_proj", lambda m=moe: torch.stack([e.w2.weight for e in m.experts]), size // 3)
+
+
+def save_pretrained(model: Transformer, directory: str | Path, expert_layout: ExpertLayout = "per_expert",
+                    max_shard_size: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write ``model`` as a Hugging Face DeepSeek-V3 checkpoint that transformers 5.x loads.
+
+    ``config.json`` in the transformers 5.x layout, and ``model.safetensors`` (or shards of at
+    most ``max_shard_size`` bytes with ``model.safetensors.index.json``). ``expert_layout``
+    ``"per_expert"`` writes the released names (what transformers itself saves, and what the
+    official code and other runtimes read); ``"fused"`` writes transformers' in-memory 3-D
+    tensors, built one shard at a time. Files of an earlier checkpoint in ``directory`` are
+    refused unless ``overwrite=True``, which removes them; other files (a tokenizer) are kept.
+    Returns the directory.
+    """
+    if not isinstance(model, Transformer):
+        raise ValueError(f"save_pretrained needs a deepseek_mini Transformer, got {type(model).__name__}")
+    if expert_layout not in ("per_expert", "fused"):
+        raise ValueError(f"expert_layout ({expert_layout!r}) must be 'per_expert' or 'fused'")
+    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(f"max_shard_size ({max_shard_size!r}) must be a positive number of bytes")
+    if model.embed.weight.is_meta:
+        raise ValueError("the model is on the meta device: it has no weights to save")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    old = [directory / CONFIG_FILE, directory / INDEX_FILE, *directory.glob("model*.safetensors")]
+    old = [path for path in old if path.is_file()]
+    if old and not overwrite:
+        raise FileExistsError(f"{directory} already holds a checkpoint ({old[0].name}); "
+                              "pass overwrite=True to replace it")
+    config = hf_config_dict(model.config, model.embed.weight.dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in old:
+        path.unlink()
+
+    shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
+    shard_bytes, total = 0, 0
+    for name, make, size in _hf_tensors(model, expert_layout):
+        if shards[-1] and shard_bytes + size > max_shard_size:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((name, make))
+        shard_bytes, total = shard_bytes + size, total + size
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(names, shards):
+        tensors = {name: make().detach().cpu().contiguous() for name, make in shard}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    if len(shards) > 1:
+        (directory / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory

@@ -1,0 +1,507 @@
+"""Checkpoints in and out (deepseek_mini.pretrained, and the HF config import in config.py).
+
+The parity tests build a tiny random transformers ``DeepseekV3ForCausalLM`` (MLA with a
+compressed query, MoE with group-limited routing and a non-zero router bias, 3 layers, the
+first dense) and hold our logits equal to its logits on both attention paths; they skip when
+transformers (a test-only dependency) is missing. The rest writes checkpoints by hand with
+safetensors: both expert layouts, shards, FP8 blocks, the MTP layer and every error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from deepseek_mini import build_model, from_pretrained, load_config, save_pretrained
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.pretrained import (
+    INDEX_FILE, WEIGHTS_FILE, dequantize_fp8_blockwise, hf_config_dict,
+)
+
+E4M3_MAX = 448.0          # largest finite float8_e4m3fn value
+E4M3_REL_STEP = 2.0**-4   # 3 mantissa bits: rounding error <= half of 2^-3 relative
+E4M3_MIN_STEP = 2.0**-9   # subnormal spacing, relative to the block scale
+TOKENS = torch.tensor([[3, 17, 42, 5, 63, 0, 12, 29, 33, 7, 50, 1],
+                       [60, 2, 2, 9, 41, 38, 15, 4, 22, 56, 11, 30]])
+
+# A tiny DeepSeek-V3 in transformers' names: 3 layers (0 dense), 8 experts in 4 groups, top-2
+# from the best 2 groups, one shared expert, MLA with q_lora_rank.
+HF_TINY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16,
+    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+    routed_scaling_factor=2.5,
+)
+
+
+# --------------------------------------------------------------------- helpers
+def _hf_model(**changes):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**{**HF_TINY, **changes})).eval()
+    with torch.no_grad():      # every weight random, norm gains included; the router bias too
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
+    return model
+
+
+def _hf_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+def _our_model(preset: str = "toy", dtype: torch.dtype | None = None, **changes):
+    """A small model of ours with random norm gains and router biases (what init leaves at 1 and 0)."""
+    model = build_model(load_config(preset, num_hidden_layers=3, **changes), seed=0, dtype=dtype)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.dim() == 1:
+                tensor.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def _same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _rewrite(directory, edit) -> None:
+    """Apply edit(tensors) to the single model.safetensors of a checkpoint directory."""
+    tensors = load_file(directory / WEIGHTS_FILE)
+    edit(tensors)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def _edit_config(directory, **changes) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return _hf_model()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_model, tmp_path_factory):
+    """transformers' own save_pretrained: the released per-expert layout."""
+    directory = tmp_path_factory.mktemp("hf")
+    hf_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fused_dir(hf_model, hf_dir, tmp_path_factory):
+    """transformers 5.x in-memory names on disk: experts as (E, 2I, d) and (E, d, I) tensors."""
+    directory = tmp_path_factory.mktemp("fused")
+    shutil.copy(hf_dir / "config.json", directory / "config.json")
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, directory / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    return directory
+
+
+# --------------------------------------------------------------- parity with HF
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_logits_match_transformers(hf_model, hf_dir, fused_dir, attn_impl, layout):
+    with safe_open(str(fused_dir / WEIGHTS_FILE), "pt") as f:   # the two layouts really differ
+        assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()
+    model = from_pretrained(hf_dir if layout == "per_expert" else fused_dir, attn_impl=attn_impl)
+    assert model.config.attn_impl == attn_impl and not model.training
+    assert model.layers[1].ffn.gate.bias.abs().min() > 0       # e_score_correction_bias arrived
+    torch.testing.assert_close(_logits(model), _hf_logits(hf_model), rtol=0, atol=1e-4)
+
+
+def test_half_split_rope_checkpoint_is_interleaved_on_load(tmp_path):
+    """rope_interleave=False pairs channel j with j + d/2; the loader reorders the rope rows."""
+    hf = _hf_model(rope_interleave=False)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.config.rope_interleave is True
+    torch.testing.assert_close(_logits(model), _hf_logits(hf), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_transformers_loads_what_we_save(hf_model, hf_dir, tmp_path, layout):
+    transformers = pytest.importorskip("transformers")
+    save_pretrained(from_pretrained(hf_dir), tmp_path, expert_layout=layout)
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
+        assert ("model.layers.1.mlp.experts.gate_up_proj" in f.keys()) == (layout == "fused")
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (config.model_type, config.n_group, config.topk_group) == ("deepseek_v3", 4, 2)
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_hf_logits(reloaded), _hf_logits(hf_model), rtol=0, atol=1e-5)
+
+
+def test_transformers_loads_our_toy_model(tmp_path):
+    """Our own preset (vocabulary 260, 16 experts, no query compression) runs the same in transformers."""
+    transformers = pytest.importorskip("transformers")
+    model = _our_model()
+    save_pretrained(model, tmp_path)
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_hf_logits(reloaded), _logits(model), rtol=0, atol=1e-4)
+
+
+def test_transformers_config_json_loads_unchanged(hf_dir):
+    raw = json.loads((hf_dir / "config.json").read_text())
+    assert {"rope_parameters", "qk_head_dim", "output_router_logits"} <= raw.keys()
+    config = load_config(hf_dir / "config.json")
+    assert config.rope_theta == raw["rope_parameters"]["rope_theta"] and config.rope_scaling is None
+    assert (config.n_group, config.topk_group, config.kv_lora_rank) == (4, 2, 16)
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_gives_identical_tensors(tmp_path, layout, dtype):
+    model = _our_model(dtype=dtype)
+    save_pretrained(model, tmp_path, expert_layout=layout)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.embed.weight.dtype == dtype                          # config.json records the dtype
+    assert loaded.layers[1].ffn.gate.bias.dtype == torch.float32       # the router bias stays FP32
+    _same_state(model, loaded)
+    assert loaded.config == model.config
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = _our_model()
+    save_pretrained(model, tmp_path, max_shard_size=200_000)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (tmp_path / WEIGHTS_FILE).exists()
+    assert shards == sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    _same_state(model, from_pretrained(tmp_path))
+
+
+def test_transformers_reads_our_shards(hf_model, hf_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_pretrained(from_pretrained(hf_dir), tmp_path, max_shard_size=20_000, expert_layout="fused")
+    assert (tmp_path / INDEX_FILE).is_file()
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_hf_logits(reloaded), _hf_logits(hf_model), rtol=0, atol=1e-5)
+
+
+def test_dense_mla_and_tied_models_round_trip(tmp_path):
+    dense = _our_model("toy-mla")
+    save_pretrained(dense, tmp_path / "dense")
+    loaded = from_pretrained(tmp_path / "dense")
+    assert not loaded.config.uses_moe                 # placeholder expert fields build no MoE layer
+    _same_state(dense, loaded)
+    tied = _our_model(tie_word_embeddings=True)
+    save_pretrained(tied, tmp_path / "tied")
+    with safe_open(str(tmp_path / "tied" / WEIGHTS_FILE), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    loaded = from_pretrained(tmp_path / "tied")
+    assert loaded.head.weight is loaded.embed.weight
+    _same_state(tied, loaded)
+    # A tied checkpoint that also stores the head (some writers do) loads the same model.
+    _rewrite(tmp_path / "tied", lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    _same_state(tied, from_pretrained(tmp_path / "tied"))
+
+
+def test_save_refuses_an_existing_checkpoint_unless_overwrite(tmp_path):
+    model = _our_model()
+    save_pretrained(model, tmp_path, max_shard_size=200_000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(model, tmp_path)
+    save_pretrained(model, tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS_FILE, "tokenizer.json"]
+    _same_state(model, from_pretrained(tmp_path))
+
+
+def test_save_refuses_what_the_layout_cannot_describe(tmp_path):
+    with pytest.raises(ValueError, match="Multi-head Latent Attention"):
+        save_pretrained(_our_model("toy-dense"), tmp_path)
+    with pytest.raises(ValueError, match="sigmoid"):
+        save_pretrained(_our_model(scoring_func="softmax"), tmp_path)
+    with pytest.raises(ValueError, match="expert_layout"):
+        save_pretrained(_our_model(), tmp_path, expert_layout="stacked")
+    with pytest.raises(ValueError, match="meta device"):
+        save_pretrained(build_model("toy", device="meta"), tmp_path)
+
+
+def test_greedy_router_is_written_as_one_group(tmp_path):
+    """topk_method 'greedy' (plain top-k of s + b) is noaux_tc with a single group: same model."""
+    model = _our_model(topk_method="greedy")
+    assert hf_config_dict(model.config)["n_group"] == 1 and hf_config_dict(model.config)["topk_group"] == 1
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- FP8
+def _blocks(n: int, k: int, block: int):
+    for i in range(0, n, block):
+        for j in range(0, k, block):
+            yield i // block, j // block, slice(i, i + block), slice(j, j + block)
+
+
+def _quantise(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block E4M3: scale = amax / 448, like DeepSeek-V3's released weights (loops, as a reference)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(-(-n // block), -(-k // block))
+    for bi, bj, rows, cols in _blocks(n, k, block):
+        scale[bi, bj] = weight[rows, cols].abs().max().clamp(min=1e-12) / E4M3_MAX
+        q[rows, cols] = (weight[rows, cols] / scale[bi, bj]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _dequantise_by_loops(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    out = torch.empty(q.shape)
+    for bi, bj, rows, cols in _blocks(*q.shape, block):
+        out[rows, cols] = q[rows, cols].float() * scale[bi, bj]
+    return out
+
+
+def test_dequantize_fp8_blockwise_ragged_blocks():
+    torch.manual_seed(0)
+    q = (torch.randn(300, 200) * 8).to(torch.float8_e4m3fn)       # 3 x 2 blocks, the last ones ragged
+    scale = 2.0 ** torch.randint(-10, 0, (3, 2)).float()
+    exact = _dequantise_by_loops(q, scale, 128)
+    assert torch.equal(dequantize_fp8_blockwise(q, scale), exact)
+    assert dequantize_fp8_blockwise(q, scale, dtype=torch.bfloat16).dtype == torch.bfloat16
+    stacked = dequantize_fp8_blockwise(torch.stack([q, q]), torch.stack([scale, 2 * scale]))  # fused experts
+    assert torch.equal(stacked[0], exact) and torch.equal(stacked[1], 2 * exact)
+    with pytest.raises(ValueError, match=r"needs scales of shape \(3, 2\), got \(2, 2\)"):
+        dequantize_fp8_blockwise(q, scale[:2])
+
+
+def test_fp8_quantisation_error_is_within_e4m3_precision():
+    torch.manual_seed(1)
+    weight = torch.randn(300, 200) * torch.logspace(-3, 1, 200)    # columns of very different sizes
+    q, scale = _quantise(weight, 128)
+    restored = dequantize_fp8_blockwise(q, scale)
+    bound = E4M3_REL_STEP * weight.abs() + E4M3_MIN_STEP * scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    assert ((restored - weight).abs() <= bound).all()
+
+
+def _fp8_copy(src, dst, block: int, exact: bool) -> None:
+    """Copy a checkpoint, storing every linear weight (HF '*proj*') in E4M3 with per-block scales.
+
+    With ``exact``, the weights are first replaced by values the blocks represent exactly (and
+    ``src`` rewritten with them), so the loaded model must equal the one loaded from ``src``.
+    """
+    shutil.copytree(src, dst)
+    _edit_config(dst, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": [block, block]})
+    tensors, fp8 = load_file(src / WEIGHTS_FILE), {}
+    for name, weight in tensors.items():
+        if "proj" not in name:      # embedding, norms, router and head stay in high precision (§3.3.1)
+            fp8[name] = weight
+            continue
+        experts = weight.reshape(-1, *weight.shape[-2:])        # fused (E, N, K): one block grid per expert
+        qs, scales = zip(*(_quantise(w, block) for w in experts))
+        if exact:
+            tensors[name] = torch.stack([_dequantise_by_loops(q, s, block) for q, s in zip(qs, scales)]
+                                        ).reshape(weight.shape)
+        fp8[name] = torch.stack(qs).reshape(weight.shape)
+        fp8[name + "_scale_inv"] = torch.stack(scales).reshape(*weight.shape[:-2], *scales[0].shape)
+    save_file(fp8, dst / WEIGHTS_FILE, metadata={"format": "pt"})
+    if exact:
+        save_file(tensors, src / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_fp8_checkpoint_is_dequantised_on_load(tmp_path, layout):
+    model = _our_model()
+    save_pretrained(model, tmp_path / "ref", expert_layout=layout)
+    _fp8_copy(tmp_path / "ref", tmp_path / "fp8", block=16, exact=False)
+    with safe_open(str(tmp_path / "fp8" / WEIGHTS_FILE), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.kv_b_proj.weight").get_dtype() == "F8_E4M3"
+    loaded = from_pretrained(tmp_path / "fp8")
+    for (key, got), want in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert got.dtype == torch.float32, key
+        assert ((got - want).abs() <= E4M3_REL_STEP * want.abs() + 1e-3).all(), key
+    # Exactly representable weights come back bit for bit, with 16 x 16 blocks (ragged: 24 = 16 + 8).
+    _fp8_copy(tmp_path / "ref", tmp_path / "fp8-exact", block=16, exact=True)
+    _same_state(from_pretrained(tmp_path / "ref"), from_pretrained(tmp_path / "fp8-exact"))
+
+
+def test_fp8_errors_name_the_tensor(tmp_path):
+    save_pretrained(_our_model(), tmp_path / "ref")
+    _fp8_copy(tmp_path / "ref", tmp_path / "fp8", block=16, exact=False)
+    name = "model.layers.2.self_attn.o_proj.weight"
+    scale = load_file(tmp_path / "fp8" / WEIGHTS_FILE)[name + "_scale_inv"]
+    _rewrite(tmp_path / "fp8", lambda t: t.pop(name + "_scale_inv"))
+    with pytest.raises(ValueError, match=f"FP8 tensor {name} in model.safetensors has no {name}_scale_inv"):
+        from_pretrained(tmp_path / "fp8")
+    _rewrite(tmp_path / "fp8", lambda t: t.update({name + "_scale_inv": torch.ones(3, 3)}))
+    with pytest.raises(ValueError, match=rf"{name} in model.safetensors: .*got \(3, 3\)"):
+        from_pretrained(tmp_path / "fp8")
+    _rewrite(tmp_path / "fp8", lambda t: t.update({name + "_scale_inv": scale,
+                                                   "model.norm.weight_scale_inv": torch.ones(1, 1)}))
+    with pytest.raises(ValueError, match="unexpected tensor model.norm.weight_scale_inv .* not FP8"):
+        from_pretrained(tmp_path / "fp8")
+
+
+# ------------------------------------------------------------- MTP and YaRN
+def test_mtp_layer_is_skipped_with_a_message(hf_model, hf_dir, tmp_path):
+    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
+    mtp = {"model.layers.3.eh_proj.weight": torch.randn(32, 64), "model.layers.3.enorm.weight": torch.ones(32),
+           "model.layers.3.self_attn.q_a_proj.weight": torch.randn(24, 32)}
+    _rewrite(tmp_path, lambda t: t.update(mtp))
+    _edit_config(tmp_path, num_nextn_predict_layers=1)
+    with pytest.warns(UserWarning, match=r"skipping the MTP layer model\.layers\.3 \(Multi-Token Prediction "
+                                         r"is chapter 04\).*num_nextn_predict_layers=0"):
+        model = from_pretrained(tmp_path)
+    assert model.config.num_nextn_predict_layers == 0
+    torch.testing.assert_close(_logits(model), _hf_logits(hf_model), rtol=0, atol=1e-4)
+    _edit_config(tmp_path, num_nextn_predict_layers=0)            # a layer 3 nobody announced
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.3\.eh_proj\.weight"):
+        from_pretrained(tmp_path)
+
+
+def test_yarn_checkpoint_raises_until_chapter_07_unless_overridden(tmp_path):
+    save_pretrained(_our_model(), tmp_path)
+    yarn = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+    _edit_config(tmp_path, rope_parameters=yarn)
+    with pytest.raises(NotImplementedError, match=r"chapter 07.*rope_scaling=None"):
+        from_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, rope_scaling=None).config.rope_scaling is None
+
+
+# ------------------------------------------------------------------- errors
+@pytest.fixture
+def ckpt(tmp_path):
+    save_pretrained(_our_model(), tmp_path)
+    return tmp_path
+
+
+def test_missing_tensor_is_named(ckpt):
+    _rewrite(ckpt, lambda t: t.pop("model.layers.1.mlp.gate.e_score_correction_bias"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.gate\.e_score_correction_bias "
+                                         rf"in {ckpt / WEIGHTS_FILE}$"):
+        from_pretrained(ckpt)
+
+
+def test_unexpected_tensor_is_named(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"model.layers.0.mlp.experts.0.gate_proj.weight": torch.ones(64, 128)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight "
+                                         r"in model\.safetensors: .* has no layers\.0\.ffn\.experts\.0\.w1\.weight"):
+        from_pretrained(ckpt)
+    _rewrite(ckpt, lambda t: (t.pop("model.layers.0.mlp.experts.0.gate_proj.weight"),
+                              t.update({"model.rotary_emb.inv_freq": torch.ones(8)})))
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.rotary_emb\.inv_freq in model\.safetensors"):
+        from_pretrained(ckpt)
+
+
+def test_misshaped_tensor_names_expected_and_got(ckpt):
+    _rewrite(ckpt, lambda t: t.update({"model.layers.2.self_attn.kv_b_proj.weight": torch.ones(256, 30)}))
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.2\.self_attn\.kv_b_proj\.weight in model\.safetensors "
+                                         r"has shape \(256, 30\), expected \(256, 32\)"):
+        from_pretrained(ckpt)
+
+
+def test_misshaped_fused_experts(hf_dir, fused_dir, tmp_path):
+    shutil.copytree(fused_dir, tmp_path, dirs_exist_ok=True)
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.2.mlp.experts.gate_up_proj": torch.ones(8, 30, 32)}))
+    with pytest.raises(ValueError, match=r"gate_up_proj in model\.safetensors has shape \(8, 30, 32\), "
+                                         r"expected \(8, 32, 32\)"):
+        from_pretrained(tmp_path)
+
+
+def test_mixed_layouts_are_refused(hf_dir, fused_dir, tmp_path):
+    shutil.copytree(fused_dir, tmp_path, dirs_exist_ok=True)
+    per_expert = load_file(hf_dir / WEIGHTS_FILE)
+    _rewrite(tmp_path, lambda t: t.update({k: v for k, v in per_expert.items() if ".experts.3." in k}))
+    with pytest.raises(ValueError, match="second time: the checkpoint mixes the fused and the per-expert layouts"):
+        from_pretrained(tmp_path)
+
+
+def test_sharded_index_errors(tmp_path):
+    save_pretrained(_our_model(), tmp_path, max_shard_size=200_000)
+    first = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    first.unlink()
+    with pytest.raises(ValueError, match=f"lists the shard {first.name}, which is not in"):
+        from_pretrained(tmp_path)
+
+
+def test_directory_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="has no config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(load_config("toy"))))
+    with pytest.raises(ValueError, match="neither model.safetensors nor model.safetensors.index.json"):
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        from_pretrained(tmp_path, dtype=torch.int8)
+
+
+def test_checkpoint_configs_we_cannot_build_are_refused(ckpt):
+    _edit_config(ckpt, scoring_func="softmax")
+    with pytest.raises(ValueError, match="sigmoid affinities with group-limited top-k"):
+        from_pretrained(ckpt)
+    _edit_config(ckpt, scoring_func="sigmoid", attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias is true"):
+        from_pretrained(ckpt)
+
+
+# ------------------------------------------------------- HF config import (config.py)
+HF5 = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4, "kv_lora_rank": 16,
+       "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 24, "head_dim": 8,
+       "output_router_logits": False, "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 100,
+       "max_position_embeddings": 128}
+
+
+def test_hf5_rope_parameters_become_rope_theta_and_rope_scaling():
+    config = ModelConfig.from_dict({**HF5, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
+    assert (config.rope_theta, config.rope_scaling) == (50000.0, None)
+    yarn = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "rope_theta": 1e4}
+    config = ModelConfig.from_dict({**HF5, "rope_parameters": yarn})
+    assert config.rope_theta == 1e4
+    assert config.rope_scaling == {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}
+
+
+def test_older_rope_layout_still_loads():
+    legacy = {k: v for k, v in HF5.items() if k not in ("qk_head_dim", "output_router_logits")}
+    scaling = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}
+    config = ModelConfig.from_dict({**legacy, "rope_theta": 20000.0, "rope_scaling": scaling})
+    assert (config.rope_theta, config.rope_scaling) == (20000.0, scaling)
+    # Both layouts at once load when they agree ('type' and 'rope_type' are synonyms) ...
+    both = {**HF5, "rope_theta": 20000.0, "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                "rope_theta": 20000.0}}
+    assert ModelConfig.from_dict(both).rope_theta == 20000.0
+    # ... and fail when they do not.
+    with pytest.raises(ValueError, match="disagree with rope_parameters"):
+        ModelConfig.from_dict({**both, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="disagree with rope_parameters"):
+        ModelConfig.from_dict({**both, "rope_scaling": None})
+
+
+def test_qk_head_dim_must_be_consistent():
+    with pytest.raises(ValueError, match=r"qk_head_dim \(32\) must equal qk_nope_head_dim \+ qk_rope_head_dim "
+                                         r"\(16 \+ 8\)"):
+        ModelConfig.from_dict({**HF5, "qk_head_dim": 32})
+
+
+def test_hf5_keys_and_aliases():
+    config = ModelConfig.from_dict({**HF5, "num_mtp_layers": 1})
+    assert config.num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match="num_mtp_layers .* disagree"):
+        ModelConfig.from_dict({**HF5, "num_mtp_layers": 1, "num_nextn_predict_layers": 0})
+    with pytest.raises(ValueError, match="rope_parameters .* must be a dict"):
+        ModelConfig.from_dict({**HF5, "rope_parameters": 10000.0})
+    with pytest.raises(ValueError, match="unknown config field"):   # real typos still fail
+        ModelConfig.from_dict({**HF5, "qk_head_dims": 24})
