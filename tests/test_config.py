@@ -42,7 +42,7 @@ def test_deepseek_v3_preset_carries_every_official_value():
     assert rs["factor"] == 40
     assert rs["original_max_position_embeddings"] == 4096
     assert rs["beta_fast"] == 32 and rs["beta_slow"] == 1 and rs["mscale"] == 1.0
-    # Derived facts (REFERENCE.md): 40 x 4096 positions, 192-wide q/k heads, MLA + MoE on.
+    # Derived facts (book/facts.md, from config_671B.json): 40 x 4096 positions, 192-wide q/k heads, MLA + MoE on.
     assert rs["factor"] * rs["original_max_position_embeddings"] == c.max_position_embeddings
     assert c.qk_head_dim == 192
     assert c.uses_mla and c.uses_moe
