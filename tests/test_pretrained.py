@@ -380,6 +380,37 @@ def test_yarn_checkpoint_raises_until_chapter_07_unless_overridden(tmp_path):
     assert from_pretrained(tmp_path, rope_scaling=None).config.rope_scaling is None
 
 
+# DeepSeek-V3's published config.json (older layout: rope_theta + rope_scaling, FP8 quantization_config).
+V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                             "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_deepseek_v3_config_json_reads_as_the_preset(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(V3_CONFIG))
+    config, preset = load_config(tmp_path / "config.json"), load_config("deepseek-v3")
+    assert config.replace(initializer_range=preset.initializer_range) == preset   # the file says 0.02
+    with pytest.raises(NotImplementedError, match=r"rope_scaling 'yarn' \(YaRN.*chapter 07.*rope_scaling=None"):
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="neither model.safetensors"):         # past the config, to the weights
+        from_pretrained(tmp_path, rope_scaling=None)
+
+
 # ------------------------------------------------------------------- errors
 @pytest.fixture
 def ckpt(tmp_path):
