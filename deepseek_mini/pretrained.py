@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -280,6 +280,14 @@ def _tensor_locations(directory: Path) -> tuple[dict[str, str], str]:
     raise ValueError(f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
 
 
+class _Piece(NamedTuple):
+    """Where part of a checkpoint tensor goes: our state key, the expert of a fused tensor, its rows."""
+
+    key: str
+    expert: int | None = None
+    rows: slice | None = None
+
+
 class _Loader:
     """Copies every checkpoint tensor into the model's state, with the checks that name it."""
 
@@ -324,15 +332,15 @@ class _Loader:
             raise ValueError(f"missing tensor {missing[0]}{more} in {self.where}")
 
     def _load_tensor(self, name: str, file: str, open_file: Callable[[str], Any]) -> None:
-        pieces = self._pieces(name, file)
-        if not pieces:
-            return
         handle = open_file(file)
         view = handle.get_slice(name)
+        pieces = self._pieces(name, file, tuple(view.get_shape()))
+        if not pieces:
+            return
         shape, expected = tuple(view.get_shape()), self._expected_shape(name, pieces)
         if shape != expected:
             raise ValueError(f"tensor {name} in {file} has shape {shape}, expected {expected} "
-                             f"(for {pieces[0][0]}{' ...' if len(pieces) > 1 else ''})")
+                             f"(for {pieces[0].key}{' ...' if len(pieces) > 1 else ''})")
         scale_name = name + SCALE_SUFFIX
         fp8 = view.get_dtype().startswith("F8")
         if fp8 and scale_name not in self.locations:
@@ -340,10 +348,13 @@ class _Loader:
         if not fp8 and scale_name in self.locations:
             raise ValueError(f"unexpected tensor {scale_name} in {self.where}: {name} is not FP8 "
                              f"(dtype {view.get_dtype()})")
-        scales = open_file(self.locations[scale_name]).get_slice(scale_name) if fp8 else None
-        self.used_scales.add(scale_name)
-        experts = sorted({expert for _, expert, _ in pieces}, key=lambda e: -1 if e is None else e)
-        for expert in experts:     # fused layout: read one expert at a time, never the whole (E, 2I, d)
+        scales = None
+        if fp8:
+            scales = open_file(self.locations[scale_name]).get_slice(scale_name)
+            self.used_scales.add(scale_name)
+        fused = pieces[0].expert is not None
+        for expert in range(self.config.n_routed_experts) if fused else [None]:
+            # fused layout: read one expert at a time, never the whole (E, 2I, d) tensor
             value = view[expert] if expert is not None else handle.get_tensor(name)
             if fp8:
                 scale = scales[expert] if expert is not None else scales[:]
@@ -351,17 +362,17 @@ class _Loader:
                     value = dequantize_fp8_blockwise(value, scale, self.block)
                 except ValueError as exc:
                     raise ValueError(f"tensor {name} in {file}: {exc}") from None
-            for key, piece_expert, rows in pieces:
-                if piece_expert == expert:
-                    self._copy(key, value if rows is None else value[rows], name)
+            for piece in pieces:
+                if piece.expert == expert:
+                    self._copy(piece.key, value if piece.rows is None else value[piece.rows], name)
 
-    def _pieces(self, name: str, file: str) -> list[tuple[str, int | None, slice | None]]:
-        """Our (state key, expert index in a fused tensor, rows) receiving tensor ``name``."""
+    def _pieces(self, name: str, file: str, shape: tuple[int, ...]) -> list[_Piece]:
+        """The parts of our state that checkpoint tensor ``name`` fills (none: skip it)."""
         config = self.config
         if name in _TOP_NAMES:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 return []                         # tied: the head is the embedding
-            return [(_TOP_NAMES[name], None, None)]
+            return [_Piece(_TOP_NAMES[name])]
         match = _LAYER_RE.fullmatch(name)
         if match is None:
             raise ValueError(f"unexpected tensor {name} in {file}: no deepseek_mini parameter corresponds to it")
@@ -370,14 +381,14 @@ class _Loader:
         if suffix in _FUSED and config.is_moe_layer(layer):
             inter = config.moe_intermediate_size
             if suffix == "mlp.experts.down_proj":
-                return [(f"{prefix}ffn.experts.{e}.w2.weight", e, None) for e in range(config.n_routed_experts)]
+                return [_Piece(f"{prefix}ffn.experts.{e}.w2.weight", e) for e in range(config.n_routed_experts)]
             return [piece for e in range(config.n_routed_experts)       # (E, 2I, d): gate rows first
-                    for piece in ((f"{prefix}ffn.experts.{e}.w1.weight", e, slice(0, inter)),
-                                  (f"{prefix}ffn.experts.{e}.w3.weight", e, slice(inter, 2 * inter)))]
+                    for piece in (_Piece(f"{prefix}ffn.experts.{e}.w1.weight", e, slice(0, inter)),
+                                  _Piece(f"{prefix}ffn.experts.{e}.w3.weight", e, slice(inter, 2 * inter)))]
         if (expert := _EXPERT_RE.fullmatch(suffix)) is not None:
             key = f"{prefix}ffn.experts.{expert[1]}.{_EXPERT_NAMES[expert[2]]}.weight"
-        elif suffix.startswith("mlp.shared_experts.") and config.uses_moe and config.n_shared_experts == 0:
-            return []                             # transformers keeps zero-width shared experts
+        elif suffix.startswith("mlp.shared_experts.") and 0 in shape and config.n_shared_experts == 0:
+            return []                             # transformers builds zero-width shared experts for N_s = 0
         elif suffix in _LAYER_NAMES:
             key = prefix + _LAYER_NAMES[suffix]
         else:
@@ -385,11 +396,12 @@ class _Loader:
         if key not in self.targets:
             raise ValueError(f"unexpected tensor {name} in {file}: the model that config.json describes "
                              f"has no {key}")
-        return [(key, None, None)]
+        return [_Piece(key)]
 
-    def _expected_shape(self, name: str, pieces: list[tuple[str, int | None, slice | None]]) -> tuple[int, ...]:
-        first = tuple(self.targets[pieces[0][0]].shape)
-        if pieces[0][1] is None:
+    def _expected_shape(self, name: str, pieces: list[_Piece]) -> tuple[int, ...]:
+        """The checkpoint shape: our parameter's, or (E, 2I, d) / (E, d, I) for fused experts."""
+        first = tuple(self.targets[pieces[0].key].shape)
+        if pieces[0].expert is None:
             return first
         rows = first[0] * (2 if name.endswith("gate_up_proj") else 1)
         return (self.config.n_routed_experts, rows, first[1])
@@ -463,6 +475,12 @@ def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str,
                    lambda m=moe: torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in m.experts]),
                    size * 2 // 3)
             yield (prefix + "down_proj", lambda m=moe: torch.stack([e.w2.weight for e in m.experts]), size // 3)
+        if key.endswith("ffn.gate.bias") and model.config.n_shared_experts == 0:
+            # transformers builds a zero-width shared expert for N_s = 0: give it its empty tensors
+            d, dtype = model.config.hidden_size, model.embed.weight.dtype
+            prefix = "model." + key.removesuffix("ffn.gate.bias") + "mlp.shared_experts."
+            for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                yield f"{prefix}{proj}.weight", (lambda s=shape: torch.empty(s, dtype=dtype)), 0
 
 
 def save_pretrained(model: Transformer, directory: str | Path, expert_layout: ExpertLayout = "per_expert",

@@ -146,8 +146,24 @@ def test_transformers_loads_what_we_save(hf_model, hf_dir, tmp_path, layout):
         assert ("model.layers.1.mlp.experts.gate_up_proj" in f.keys()) == (layout == "fused")
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     assert (config.model_type, config.n_group, config.topk_group) == ("deepseek_v3", 4, 2)
-    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(_hf_logits(reloaded), _hf_logits(hf_model), rtol=0, atol=1e-5)
+    reloaded, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_hf_logits(reloaded.eval()), _hf_logits(hf_model), rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")   # torch, on N_s = 0
+def test_no_shared_expert_and_unnormalised_gates(tmp_path):
+    """N_s = 0 (transformers keeps zero-width shared experts) and norm_topk_prob = False both match."""
+    transformers = pytest.importorskip("transformers")
+    hf = _hf_model(n_shared_experts=0, norm_topk_prob=False)
+    hf.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    assert model.layers[1].ffn.shared_experts is None and not model.config.norm_topk_prob
+    torch.testing.assert_close(_logits(model), _hf_logits(hf), rtol=0, atol=1e-4)
+    save_pretrained(model, tmp_path / "ours")
+    reloaded, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(_hf_logits(reloaded.eval()), _hf_logits(hf), rtol=0, atol=1e-5)
 
 
 def test_transformers_loads_our_toy_model(tmp_path):
