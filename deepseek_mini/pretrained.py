@@ -198,7 +198,7 @@ def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, An
     changes: dict[str, Any] = {"num_nextn_predict_layers": 0, "rope_interleave": True}
     if config.uses_moe and config.first_k_dense_replace >= config.num_hidden_layers:
         changes["n_routed_experts"] = None   # no layer is MoE: the expert fields describe nothing
-    config = config.replace(**changes, **overrides)
+    config = config.replace(**{**changes, **overrides})
     if config.rope_scaling is not None:
         kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
         raise NotImplementedError(
