@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -62,12 +63,17 @@ def test_resume_gives_bit_identical_next_steps(data, tmp_path):
     assert steps == list(range(7, 13))
 
 
-def test_resume_in_place_does_not_duplicate_metrics(data, tmp_path):
+def test_resume_in_place_from_an_older_checkpoint_needs_overwrite(data, tmp_path):
     config = load_config("toy-dense", **TINY)
     train(config, tiny_run(steps=8, checkpoint_every=4, out_dir=str(tmp_path)), data=data)
-    train(config, tiny_run(steps=8, out_dir=str(tmp_path)), data=data, resume=tmp_path / "checkpoint-000004.pt")
+    older = tmp_path / "checkpoint-000004.pt"
+    with pytest.raises(ValueError, match=r"newer work \(checkpoint.pt at step 8\).*overwrite=True"):
+        train(config, tiny_run(steps=8, out_dir=str(tmp_path)), data=data, resume=older)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 8            # refused: nothing touched
+    train(config, tiny_run(steps=8, out_dir=str(tmp_path)), data=data, resume=older, overwrite=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 9))                                            # never duplicated
+    assert not (tmp_path / "checkpoint-000008.pt").exists()                      # the discarded run's
 
 
 def test_metrics_jsonl_and_checkpoint(data, tmp_path):
@@ -149,7 +155,7 @@ def test_cli_help_reads_well(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for expected in ("--config", "--steps", "--resume", "--data", "examples:"):
+    for expected in ("--config", "--steps", "--resume", "--overwrite", "--data", "examples:", "130"):
         assert expected in text
     from deepseek_mini.config import preset_names
 
@@ -277,3 +283,371 @@ def test_cli_accepts_the_load_balancing_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config_path), "--balance-loss", "aux"])
     assert exit_info.value.code == 2 and "invalid choice: 'aux'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- reproducibility (issue #9)
+# The default preset, `toy` (MLA + MoE), shrunk in batch and length only.
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads: the backward of x[token] (index_put_ with accumulate) used to race."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_run(**overrides) -> TrainConfig:
+    """8 steps of 4 x 32 tokens: with the old dispatch two runs already differed after 4 steps."""
+    return tiny_run(**{**dict(steps=8, batch_size=4, seq_len=32, eval_every=4, warmup_steps=2), **overrides})
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def test_toy_training_is_bit_reproducible_with_two_threads(data, two_threads):
+    first = train("toy", toy_run(), data=data)
+    second = train("toy", toy_run(), data=data)
+    assert "maxvio" in first.history                                   # the MoE path ran
+    assert first.history["train_loss"] == second.history["train_loss"]
+    assert_same_weights(first.model.state_dict(), second.model.state_dict())
+
+
+class Interrupt:
+    """Replaces Batcher.next_batch: on call ``at`` it draws the batch, then raises ``error``
+    (after the draw, so an unrestored sampler state would show up on resume), or sends
+    this process a real SIGINT (``error=None``) and returns the batch, as Ctrl-C would."""
+
+    def __init__(self, at: int, error: BaseException | None = KeyboardInterrupt()) -> None:
+        from deepseek_mini.data import Batcher
+
+        self.at, self.error, self.calls, self.original = at, error, 0, Batcher.next_batch
+
+    def __get__(self, batcher, owner):                 # bind like a method: batcher.next_batch()
+        return lambda: self(batcher)
+
+    def __call__(self, batcher):
+        import signal
+
+        self.calls += 1
+        batch = self.original(batcher)
+        if self.calls == self.at:
+            if self.error is None:
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise self.error
+        return batch
+
+
+def test_interrupted_and_resumed_toy_run_equals_uninterrupted(data, two_threads, tmp_path, monkeypatch):
+    from deepseek_mini.train import TrainingInterrupted
+
+    straight = train("toy", toy_run(checkpoint_every=4, out_dir=str(tmp_path / "a")), data=data)
+    with monkeypatch.context() as patch:
+        patch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=6))   # inside step 6
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train("toy", toy_run(checkpoint_every=4, out_dir=str(tmp_path / "b")), data=data)
+    assert stopped.value.step == 5 and stopped.value.checkpoint == tmp_path / "b" / "checkpoint.pt"
+    assert "resume=" in str(stopped.value) and not (tmp_path / "b" / ".lock").exists()
+    assert load_checkpoint(tmp_path / "b")["step"] == 5                 # newer than checkpoint-000004.pt
+    resumed = train(None, resume=tmp_path / "b", data=data)             # the checkpoint's settings and folder
+    assert resumed.start_step == 5 and resumed.train_config.steps == 8
+    assert_same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    for key in ("train_loss", "val_loss", "maxvio", "balance_loss"):
+        assert resumed.history[key] == straight.history[key], key
+    metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == list(range(1, 9))
+    assert [r["train_loss"] for r in metrics] == straight.history["train_loss"]
+
+
+def test_an_error_mid_step_saves_the_last_whole_step(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=3, error=RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(load_config("toy-dense", **TINY), tiny_run(steps=6, out_dir=str(tmp_path)), data=data)
+    assert load_checkpoint(tmp_path)["step"] == 2 and not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints are data
+
+class WritesAFile:
+    """A pickle payload: unpickling it calls Path.write_text (any callable would do, os.system too)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.write_text, (Path(self.path), "code ran")
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "checkpoint.pt"
+    torch.save({"step": 1, "model": WritesAFile(marker)}, crafted)
+    with pytest.raises(ValueError, match=r"refers to Python code \(.+\).*could run code"):
+        load_checkpoint(crafted)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a torch checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    assert main(["--resume", str(crafted), "--no-progress"]) == 2
+    assert "could run code" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(data, tmp_path, monkeypatch):
+    from deepseek_mini.data import Batcher
+    from deepseek_mini.train import _make_optimizer, save_checkpoint
+
+    config = load_config("toy-dense", **TINY)
+    result = train(config, tiny_run(steps=2, out_dir=str(tmp_path)), data=data)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def torch_save_dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torch_save_dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path / "checkpoint.pt", result.model, _make_optimizer(result.model, result.train_config),
+                        Batcher(data[0], 4, 32), 3, config, result.train_config, result.history)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
+def test_find_checkpoint_takes_the_newest_by_step(data, tmp_path):
+    from deepseek_mini.train import find_checkpoint
+
+    train(load_config("toy-dense", **TINY), tiny_run(steps=2, out_dir=str(tmp_path)), data=data)
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    for step in (1, 999999, 1000000):         # a number, not the name's order, decides
+        (tmp_path / f"checkpoint-{step:06d}.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes())
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-1000000.pt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        find_checkpoint(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- the CLI never loses or mixes work
+# A tiny dense model through main(): each run takes about a second.
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """main() with a tiny model and tiny settings; extra flags come last."""
+    config_path = tmp_path / "tiny.json"
+    load_config("toy-dense", **TINY).to_json(config_path)
+
+    def run(*flags: str, small: bool = True) -> int:
+        base = ["--config", str(config_path), "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+                "--eval-every", "2", "--n-docs", "40", "--samples", "0", "--warmup-steps", "1"] if small else []
+        return main([*base, "--no-progress", *flags])
+    run.config_path = config_path
+    return run
+
+
+def files_of(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_refuses_an_occupied_out_unless_overwrite(cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--out", str(out), "--checkpoint-every", "1") == 0
+    before = files_of(out)
+    assert cli("--out", str(out), "--seed", "1") == 2
+    message = one_line_error(capsys)
+    assert "already holds a run" in message and "--overwrite" in message and "--resume" in message
+    assert files_of(out) == before
+    assert cli("--out", str(out), "--seed", "1", "--steps", "2", "--overwrite") == 0
+    assert sorted(files_of(out)) == ["checkpoint.pt", "loss.png", "metrics.jsonl"]   # the old run's are gone
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and load_checkpoint(out)["train_config"]["seed"] == 1
+
+
+def test_cli_resume_writes_into_the_checkpoints_folder_and_restores_its_settings(cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                          # so the default --out, runs/toy, is inside tmp_path
+    assert cli() == 0
+    assert cli("--out", "runs/quick", "--lr", "0.002", "--bias-update-speed", "0.01") == 0
+    toy_before = files_of(tmp_path / "runs" / "toy")
+    capsys.readouterr()
+    assert cli("--resume", "runs/quick", "--steps", "6", small=False) == 0
+    assert "trained steps 5-6" in capsys.readouterr().out
+    assert files_of(tmp_path / "runs" / "toy") == toy_before     # the default folder is untouched
+    quick = tmp_path / "runs" / "quick"
+    state = load_checkpoint(quick)
+    assert state["step"] == 6 and state["train_config"]["lr"] == 0.002          # not the default 3e-3
+    assert state["train_config"]["bias_update_speed"] == 0.01 and state["train_config"]["seq_len"] == 16
+    steps = [json.loads(line)["step"] for line in (quick / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+@pytest.mark.parametrize("flag, value, saved, why", [
+    ("--seed", "7", "0", "the corpus and the data order depend on it"),
+    ("--lr", "0.01", "0.003", "learning-rate schedule"),
+    ("--warmup-steps", "3", "1", "learning-rate schedule"),
+    ("--batch-size", "4", "2", "data sampler"),
+    ("--n-docs", "50", "40", "corpus"),
+    ("--balance-loss", "batch", "sequence", "load-balancing"),
+    ("--bias-update-speed", "0.5", "0.001", "load-balancing"),
+])
+def test_cli_resume_refuses_a_flag_that_differs_from_the_checkpoint(cli, tmp_path, capsys, flag, value, saved, why):
+    out = tmp_path / "run"
+    assert cli("--out", str(out)) == 0
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--steps", "8", flag, value, "--no-progress"]) == 2
+    message = one_line_error(capsys)
+    assert f"{flag} {value} differs from the checkpoint's {saved}" in message and why in message
+    assert files_of(out) == before
+
+
+def test_cli_resume_checks_config_and_steps(cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--out", str(out)) == 0
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--steps", "8", "--config", "toy-dense", "--no-progress"]) == 2
+    assert "--config toy-dense differs from the checkpoint's model (hidden_size 128 vs 32" in one_line_error(capsys)
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    assert "is finished; pass --steps N with N > 4" in one_line_error(capsys)
+    assert main(["--resume", str(out), "--steps", "4", "--no-progress"]) == 2
+    assert "--steps 4 must be greater than the checkpoint's step (4)" in one_line_error(capsys)
+    # the same values typed again (what scripts/demo.sh does) are not a conflict
+    assert cli("--resume", str(out), "--steps", "5", "--out", str(out)) == 0
+
+
+def test_train_api_resume_refuses_other_settings(data, tmp_path):
+    config = load_config("toy-dense", **TINY)
+    train(config, tiny_run(steps=4, out_dir=str(tmp_path)), data=data)
+    with pytest.raises(ValueError, match=r"train_config.lr \(0.01\) differs from the checkpoint's \(0.003\)"):
+        train(config, tiny_run(steps=8, lr=0.01), data=data, resume=tmp_path)
+    with pytest.raises(ValueError, match="model config differs from the checkpoint's.*num_hidden_layers 3 vs 2"):
+        train(load_config("toy-dense", **{**TINY, "num_hidden_layers": 3}), tiny_run(steps=8), data=data,
+              resume=tmp_path)
+    with pytest.raises(ValueError, match=r"steps \(4\) must be greater than the checkpoint's step \(4\)"):
+        train(config, tiny_run(steps=4), data=data, resume=tmp_path)
+
+
+def test_cli_ctrl_c_saves_and_resuming_equals_an_uninterrupted_run(cli, tmp_path, monkeypatch, capsys):
+    assert cli("--out", str(tmp_path / "straight"), "--steps", "6") == 0
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=4, error=None))   # Ctrl-C in step 4
+        capsys.readouterr()
+        assert cli("--out", str(out), "--steps", "6") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"resume with: python -m deepseek_mini.train --resume {out}" in err
+    assert load_checkpoint(out)["step"] == 4 and not (out / ".lock").exists()           # step 4 finished first
+    assert main(["--resume", str(out), "--no-progress", "--samples", "0"]) == 0
+    assert_same_weights(load_checkpoint(tmp_path / "straight")["model"], load_checkpoint(out)["model"])
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+
+
+def test_cli_a_second_run_on_a_folder_in_use_refuses(cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getppid()}\n")      # a live process: pytest's parent
+    assert cli("--out", str(out)) == 2
+    message = one_line_error(capsys)
+    assert f"in use by another run (pid {os.getppid()})" in message
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_cli_takes_over_a_stale_lock_and_removes_its_own(cli, tmp_path, capsys):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead.pid}\n")
+    assert cli("--out", str(out)) == 0
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert not (out / ".lock").exists() and (out / "checkpoint.pt").is_file()
+
+
+def test_cli_device_that_this_torch_lacks_is_one_line(cli, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli("--out", str(tmp_path / "run"), "--device", "cuda") == 2
+    assert "device 'cuda' is not available" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_out_that_is_a_file_is_one_line(cli, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli("--out", str(tmp_path / "notes.txt")) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "routed_scaling_factor", "rms_norm_eps"])
+def test_cli_string_where_a_config_number_belongs_is_one_line(tmp_path, capsys, field):
+    values = load_config("toy", **TINY_MOE).to_dict()
+    values[field] = str(values[field])
+    (tmp_path / "bad.json").write_text(json.dumps(values))
+    assert main(["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert f"{field} must be" in one_line_error(capsys)
+
+
+def test_cli_corrupt_metrics_line_is_one_line_and_loses_nothing(cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--out", str(out), "--steps", "3") == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--steps", "5", "--no-progress"]) == 2
+    message = one_line_error(capsys)
+    assert "metrics.jsonl' line 2 is not a metrics record" in message and "delete that line" in message
+    assert files_of(out) == before
+
+
+def test_resume_drops_a_record_cut_off_by_a_kill(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli("--out", str(out), "--steps", "3") == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')                  # the process died mid-write
+    assert main(["--resume", str(out), "--steps", "4", "--no-progress", "--samples", "0"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cli_context_too_short_for_the_samples_fails_before_training(tmp_path, capsys):
+    config_path = tmp_path / "short.json"
+    load_config("toy-dense", **{**TINY, "max_position_embeddings": 16}).to_json(config_path)
+    argv = ["--config", str(config_path), "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+            "--n-docs", "40", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2                                # 4 samples; prompt 2 needs 18 of the 16 positions
+    assert "sample prompt 2" in (message := one_line_error(capsys)) and "--samples 1" in message
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--samples", "1"]) == 0           # "37+25=" fits: its sample is shortened
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_cli_failing_samples_lose_nothing(cli, tmp_path, monkeypatch, capsys):
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("sampling broke")
+
+    monkeypatch.setattr("deepseek_mini.train.generate", broken_generate)
+    out = tmp_path / "run"
+    assert cli("--out", str(out), "--samples", "1") == 1
+    assert "sampling broke" in one_line_error(capsys)
+    assert {"checkpoint.pt", "metrics.jsonl", "loss.png"} <= set(files_of(out)) and not (out / ".lock").exists()
+
+
+def test_cli_error_during_training_saves_the_last_whole_step(cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=3, error=RuntimeError("out of memory")))
+    out = tmp_path / "run"
+    assert cli("--out", str(out)) == 1
+    message = one_line_error(capsys)
+    assert "out of memory" in message
+    assert load_checkpoint(out)["step"] == 2 and not (out / ".lock").exists()
