@@ -814,11 +814,13 @@ def _parser() -> argparse.ArgumentParser:
                "saves a checkpoint and prints the command that resumes (exit status 130).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--config", metavar="NAME_OR_PATH", help=f"preset ({', '.join(preset_names())}) or path to a config.json "
-                                        "(default: toy; on --resume, the checkpoint's)")
+    model.add_argument("--config", metavar="NAME_OR_PATH",
+                       help=f"preset ({', '.join(preset_names())}) or path to a config.json "
+                            "(default: toy; on --resume, the checkpoint's)")
     run = parser.add_argument_group("run (on --resume: the checkpoint's, except --steps, --eval-every, --device)")
-    run.add_argument("--steps", type=int, metavar="N", help=f"total optimizer steps (default: {d.steps}); on --resume, "
-                                               "more than the checkpoint's step to train further")
+    run.add_argument("--steps", type=int, metavar="N",
+                     help=f"total optimizer steps (default: {d.steps}); on --resume, more than the "
+                          "checkpoint's step to train further")
     run.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per step (default: {d.batch_size})")
     run.add_argument("--seq-len", type=int, metavar="N", help=f"tokens per sequence (default: {d.seq_len})")
     run.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
@@ -835,7 +837,8 @@ def _parser() -> argparse.ArgumentParser:
     moe.add_argument("--balance-alpha", type=float, metavar="ALPHA",
                      help=f"balance loss weight alpha (default: {d.balance_loss_alpha})")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="SOURCE", help="'synthetic' (built-in 4-domain corpus) or a UTF-8 text file (default: synthetic)")
+    data.add_argument("--data", metavar="SOURCE",
+                      help="'synthetic' (built-in 4-domain corpus) or a UTF-8 text file (default: synthetic)")
     data.add_argument("--n-docs", type=int, metavar="N", help=f"synthetic documents to generate (default: {d.n_docs})")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help=f"folder for checkpoint.pt, metrics.jsonl and loss.png "

@@ -651,3 +651,35 @@ def test_cli_error_during_training_saves_the_last_whole_step(cli, tmp_path, monk
     message = one_line_error(capsys)
     assert "out of memory" in message
     assert load_checkpoint(out)["step"] == 2 and not (out / ".lock").exists()
+
+
+def test_cli_overwrite_that_fails_to_start_leaves_the_old_run(cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--out", str(out)) == 0
+    before = files_of(out)
+    assert cli("--out", str(out), "--overwrite", "--data", str(tmp_path / "missing.txt")) == 2
+    assert "missing.txt" in one_line_error(capsys)
+    assert files_of(out) == before                       # deleted only once data and model are built
+
+
+def test_interrupt_in_the_middle_of_committing_a_step_saves_nothing(data, tmp_path, monkeypatch):
+    from deepseek_mini.train import TrainingInterrupted
+
+    def evaluate_interrupted(*args, **kwargs):           # after optimizer.step(): the step is half applied
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepseek_mini.train.evaluate", evaluate_interrupted)
+    with pytest.raises(TrainingInterrupted, match="in the middle of step 3") as stopped:
+        train(load_config("toy-dense", **TINY), tiny_run(steps=4, eval_every=3, checkpoint_every=2,
+                                                          out_dir=str(tmp_path)), data=data)
+    assert stopped.value.checkpoint is None and stopped.value.step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002.pt", "metrics.jsonl"]
+
+
+def test_interrupt_without_out_dir_raises_and_saves_nothing(data, monkeypatch):
+    from deepseek_mini.train import TrainingInterrupted
+
+    monkeypatch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=2))
+    with pytest.raises(TrainingInterrupted, match="after step 1 of 4; nothing to save") as stopped:
+        train(load_config("toy-dense", **TINY), tiny_run(steps=4), data=data)
+    assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.checkpoint is None
