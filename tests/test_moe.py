@@ -373,7 +373,7 @@ def test_bias_update_sums_the_load_over_data_parallel_ranks(tmp_path):
             for process in workers.processes:
                 process.kill()
             pytest.fail("the two gloo workers did not finish within 60 s")
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert results[0]["local"].tolist() == [3.0, 1.0, 0.0, 0.0]
     assert results[1]["local"].tolist() == [0.0, 0.0, 2.0, 2.0]
     summed = [3.0, 1.0, 2.0, 2.0]                     # mean 2
