@@ -637,7 +637,7 @@ def test_cli_failing_samples_lose_nothing(cli, tmp_path, monkeypatch, capsys):
     def broken_generate(*args, **kwargs):
         raise RuntimeError("sampling broke")
 
-    monkeypatch.setattr("deepseek_mini.train.generate", broken_generate)
+    monkeypatch.setattr("deepseek_mini.train_cli.generate", broken_generate)   # the CLI prints the samples
     out = tmp_path / "run"
     assert cli("--out", str(out), "--samples", "1") == 1
     assert "sampling broke" in one_line_error(capsys)

@@ -1,0 +1,365 @@
+"""The run folder: what a training run keeps on disk, and the rules that keep that work safe.
+
+A run writes into one folder (``TrainConfig.out_dir``; ``--out`` on the command line)::
+
+    runs/toy/
+        checkpoint.pt          the newest state: written after the last step, on Ctrl-C and on an error
+        checkpoint-000400.pt   kept every ``checkpoint_every`` steps (none by default)
+        metrics.jsonl          one JSON record per step: train_loss, lr, tokens, val_loss, MaxVio, ...
+        loss.png               the loss curves (``plot_losses``; the CLI draws them at the end)
+        .lock                  the pid of the process writing the folder, only while it runs
+
+A checkpoint holds everything needed to continue bit-identically: the model, the optimiser,
+the data sampler's RNG state, the global RNG states, the model config and the training
+settings (as plain dicts), and the loss history. At scale this is what makes a run
+recoverable: a rollback reloads an earlier checkpoint after a loss spike or a failure, and
+DeepSeek-V3's report (arXiv 2412.19437, abstract) counts needing none in its whole training
+run as a sign of stability. Here the usual events are Ctrl-C and a crash.
+
+Each rule below keeps a run from losing or mixing work:
+
+* *One run per folder* (``prepare_folder``). Two runs' records in one ``metrics.jsonl``, or one
+  run's checkpoint beside another's plot, would be wrong without looking wrong, so a folder
+  holding a run's files is refused unless ``overwrite`` deletes them. Resuming in the
+  checkpoint's own folder continues that run: its metrics after the checkpoint's step (the
+  tail of a killed run) are dropped, and checkpoints newer than the one resumed are refused,
+  because continuing from the older one would delete newer work.
+* *One writer per folder* (``RunLock``). ``.lock`` is created exclusively and holds the pid,
+  so a second process refuses the folder; a lock whose pid is gone (a killed run) is taken over.
+* *A resume continues the same run* (``RESUME_FIXED``). Changing the seed, data, batch shape,
+  schedule, optimiser or balancing recipe would give a run that is neither the old one nor a
+  fresh one, so each is checked against the checkpoint, with the reason in the error.
+* *Whole files only* (``atomic_write``). Every file a run rewrites goes to a temporary name
+  unique to the process, then ``os.replace`` renames it: a reader, or a run killed mid-write,
+  sees the old file or the new one, never half of one. A ``metrics.jsonl`` line cut off by a
+  kill is dropped; any other corrupt line is an error naming it.
+* *A checkpoint is data* (``load_checkpoint``). ``torch.load(weights_only=True)`` accepts only
+  tensors and plain Python values; a full unpickler calls whatever functions the file names,
+  so a crafted ``.pt`` file could run code. That is why configs are saved as dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shlex
+import sys
+import uuid
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.data import Batcher
+
+if TYPE_CHECKING:   # train.py imports this module; the annotation needs no import at run time
+    from deepseek_mini.train import TrainConfig
+
+__all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "RESUME_FIXED",
+           "atomic_write", "save_checkpoint", "load_checkpoint", "find_checkpoint", "peek_checkpoint",
+           "config_differences", "same_setting", "RunLock", "run_files", "append_metrics", "prepare_folder"]
+
+CHECKPOINT_NAME = "checkpoint.pt"             # the run's newest state: written at the end and on Ctrl-C
+PERIODIC_NAME = "checkpoint-{step:06d}.pt"    # kept every checkpoint_every steps
+PERIODIC_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+LOCK_NAME = ".lock"
+
+CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "batcher", "torch_rng", "model_config",
+                             "train_config", "history"})
+
+
+# ----------------------------------------------------------------------------- files and checkpoints
+
+def _plain_train_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as plain Python values (paths as str), so weights_only loading accepts them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file unique to this process, then rename it over ``path``.
+
+    A reader sees the old file or the new one, never half of one; two writers never share a
+    temporary name; a failed write leaves no temporary file behind.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, batcher: Batcher,
+                    step: int, model_config: ModelConfig, train_config: TrainConfig,
+                    history: dict[str, list[float]]) -> Path:
+    """Everything needed to continue bit-identically, as tensors and plain Python values only
+    (``torch.load(weights_only=True)`` reads it back); written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "batcher": batcher.state_dict(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "model_config": model_config.to_dict(), "train_config": _plain_train_config(train_config),
+        "history": history,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain data, with one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:   # weights_only met a Python callable: unpickling it could run code
+            raise ValueError(f"checkpoint {str(path)!r} refers to Python code ({refused.group(1)}), not only to "
+                             "tensors and plain data; refused because loading it could run code (deepseek_mini "
+                             "checkpoints never do)") from None
+        raise ValueError(f"checkpoint {str(path)!r} is not a torch checkpoint (or is damaged)") from None
+    except Exception as exc:  # a truncated or foreign file: say which and why
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {reason}") from None
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in ``folder``, oldest first; ``checkpoint.pt`` wins a tie."""
+    found = []
+    for path in folder.iterdir():
+        match = PERIODIC_PATTERN.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), 0, path))
+        elif path.name == CHECKPOINT_NAME:
+            found.append((peek_checkpoint(path)["step"], 1, path))
+    return [(step, path) for step, _, path in sorted(found)]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the newest checkpoint (highest step) in a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = _checkpoints(path)
+        if not found:
+            raise ValueError(f"folder {str(path)!r} holds no checkpoint ({CHECKPOINT_NAME} or checkpoint-NNNNNN.pt)")
+        return found[-1][1]
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def _check_state(state: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} is not a deepseek_mini.train checkpoint "
+                         f"(it holds a {type(state).__name__}, not a dict)")
+    missing = CHECKPOINT_KEYS - set(state)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {sorted(missing)}: not written by deepseek_mini.train")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise ValueError(f"checkpoint {str(path)!r} has an invalid step ({state['step']!r})")
+    return state
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (a file, or the newest in a run folder).
+
+    Loads with ``weights_only=True``: only tensors and plain data, so a crafted file cannot
+    run code. Errors are one-line ``ValueError``s naming the file.
+    """
+    path = find_checkpoint(path)
+    return _check_state(_torch_load(path), path)
+
+
+def peek_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's step and configs without reading its tensors (memory-mapped)."""
+    state = _check_state(_torch_load(path, mmap=True), path)
+    return {key: state[key] for key in ("step", "model_config", "train_config")}
+
+
+# ----------------------------------------------------------------------------- the folder: lock, occupancy, metrics
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; without a safe probe (Windows) assume it does."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":   # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:           # EPERM: it exists, under another user
+        return True
+    return True
+
+
+class RunLock:
+    """``<folder>/.lock`` holding this process's pid while a run writes the folder.
+
+    Creation is exclusive (``O_EXCL``), so of two runs started on one folder the second
+    refuses and names the first's pid. A lock whose pid no longer runs (a killed run) is
+    taken over with a message. (Two processes taking over the same stale lock at the same
+    instant could both succeed; starting two runs within microseconds of each other on a
+    crashed run's folder is the one case this does not cover.)
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.path, self.held = folder, folder / LOCK_NAME, False
+
+    def __enter__(self) -> RunLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"output folder {str(self.folder)!r} is a file, not a folder; choose another path")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                text = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+                pid = int(text) if text.isdigit() else None
+                if pid is not None and _pid_alive(pid):
+                    raise ValueError(f"{str(self.folder)!r} is in use by another run (pid {pid}); wait for it "
+                                     f"to end or choose another output folder (if no run uses it, delete "
+                                     f"{str(self.path)!r})") from None
+                print(f"note: taking over the stale lock {str(self.path)!r} (pid {text or '?'} is not running)",
+                      file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise ValueError(f"could not lock {str(self.folder)!r}: other runs keep taking it")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def run_files(folder: Path) -> list[Path]:
+    """The files a run writes into its folder (what --overwrite removes)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
+                  or PERIODIC_PATTERN.fullmatch(p.name))
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a corrupt line is a one-line error naming it.
+
+    A last line without its newline is a record whose write was cut off (the process was
+    killed); it is after the newest checkpoint, so it is dropped rather than refused.
+    """
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r} line {number} is not a metrics record ({exc}); delete that "
+                             "line, or start the run over with overwrite (--overwrite)") from None
+        records.append(record)
+    return records
+
+
+def append_metrics(out_dir: Path | None, record: dict[str, Any]) -> None:
+    """Add one step's record to ``metrics.jsonl`` (nothing without an out_dir)."""
+    if out_dir is not None:
+        with open(out_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, overwrite: bool,
+                   cli: bool) -> Callable[[], None]:
+    """Refuse to mix two runs in one folder; returns the clean-up to do before the first step.
+
+    Resuming in the checkpoint's own folder continues that run: metrics after its step are
+    dropped (a hard-killed run's tail), and newer checkpoints would be lost, so they are
+    refused unless ``overwrite``. Elsewhere, any run's files make the folder occupied;
+    ``overwrite`` deletes them. Everything is checked now (the metrics file is parsed); the
+    returned function deletes and truncates, and is called only once the data and the model
+    are built, so a failing start leaves the folder as it was.
+    """
+    replace_hint = "pass --overwrite to discard it" if cli else "pass overwrite=True to discard it"
+    in_place = resume_from is not None and resume_from.parent.resolve() == out_dir.resolve()
+    if in_place:
+        newer = [(step, path) for step, path in _checkpoints(out_dir) if step > start_step]
+        if newer and not overwrite:
+            other = "--out DIR to continue in a new folder" if cli else "another out_dir to continue elsewhere"
+            raise ValueError(f"{str(out_dir)!r} holds newer work ({newer[-1][1].name} at step {newer[-1][0]}) "
+                             f"than {resume_from.name} (step {start_step}); {replace_hint}, or {other}")
+        metrics = out_dir / METRICS_NAME
+        kept = [r for r in _read_metrics(metrics) if r["step"] <= start_step] if metrics.exists() else None
+
+        def clean() -> None:
+            if kept is not None:
+                atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+            for _, path in newer:
+                path.unlink()
+        return clean
+    existing = run_files(out_dir)
+    if existing and not overwrite:
+        resume_hint = f"--resume {shlex.quote(str(out_dir))} to continue it" if cli else "resume=... to continue it"
+        other = "--out DIR" if cli else "another out_dir"
+        raise ValueError(f"{str(out_dir)!r} already holds a run ({', '.join(p.name for p in existing)}); "
+                         f"{replace_hint}, {resume_hint}, or {other} for a new folder")
+
+    def clean() -> None:
+        for path in existing:
+            path.unlink()
+    return clean
+
+
+# ----------------------------------------------------------------------------- resume: what must stay the same
+
+# Settings a resume must keep: changing one would not continue the same run. The others
+# (steps, device, eval_every, out_dir, checkpoint_every, progress) may change on resume.
+_SCHEDULE = "the learning-rate schedule depends on it"
+_OPTIMIZER = "the optimizer's state was built with it"
+_SAMPLER = "the data sampler's saved state is for the checkpoint's value"
+_CORPUS = "the corpus depends on it"
+_BALANCE = "the load-balancing recipe is part of the run"
+RESUME_FIXED: dict[str, tuple[str | None, str]] = {   # field: (CLI flag or None, why it is fixed)
+    "seed": ("--seed", "the corpus and the data order depend on it"),
+    "data": ("--data", _CORPUS), "n_docs": ("--n-docs", _CORPUS),
+    "batch_size": ("--batch-size", _SAMPLER), "seq_len": ("--seq-len", _SAMPLER),
+    "lr": ("--lr", _SCHEDULE), "warmup_steps": ("--warmup-steps", _SCHEDULE), "min_lr_ratio": (None, _SCHEDULE),
+    "weight_decay": (None, _OPTIMIZER), "beta1": (None, _OPTIMIZER), "beta2": (None, _OPTIMIZER),
+    "grad_clip": (None, _OPTIMIZER),
+    "eval_batches": (None, "the validation losses would not be comparable"),
+    "bias_update_speed": ("--bias-update-speed", _BALANCE), "balance_loss": ("--balance-loss", _BALANCE),
+    "balance_loss_alpha": ("--balance-alpha", _BALANCE),
+}
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The fields where two model configs differ, as ``name a vs b`` (for error messages)."""
+    return [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in fields(ModelConfig)
+            if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def same_setting(name: str, a: Any, b: Any) -> bool:
+    """Equal settings; two spellings of one text file's path are the same data."""
+    if name != "data":
+        return a == b
+    if "synthetic" in (str(a), str(b)):
+        return str(a) == str(b)
+    return Path(a).resolve() == Path(b).resolve()

@@ -1,0 +1,242 @@
+"""The training command line: ``python -m deepseek_mini.train`` (also ``deepseek-mini-train``).
+
+It turns flags into a model config and ``TrainConfig``, runs ``deepseek_mini.train``'s loop
+in a locked run folder, then reports: a summary, the loss plot, the metrics and checkpoint
+paths, and greedy samples from the trained model. The defaults train the toy DeepSeek (MLA
+and DeepSeekMoE) with DeepSeek-V3's optimiser settings (arXiv 2412.19437 §4.2) and its
+load-balancing recipe (§2.1.2). ``deepseek_mini.train.main`` calls ``main`` here, so the
+command keeps its module's name.
+
+Every option defaults to None, so that a flag the user typed is told apart from a default:
+on ``--resume`` the checkpoint's model and settings are restored, and a typed flag that
+would change them (``RESUME_FIXED`` in ``deepseek_mini.runs``) is an error naming the flag,
+both values and why the setting is fixed.
+
+Exit status: 0 done; 2 something to change (flags, config, folder, device, a sample prompt
+longer than the model's context: all checked before training); 1 a failure while running;
+130 Ctrl-C (128 + SIGINT, the shell's convention), after printing the command that resumes.
+Every error is one ``error: ...`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from deepseek_mini.config import ModelConfig, load_config, preset_names
+from deepseek_mini.data import EOS_ID, ByteTokenizer
+from deepseek_mini.generate import generate
+from deepseek_mini.model import count_parameters
+from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, RESUME_FIXED, RunLock, config_differences,
+                                find_checkpoint, peek_checkpoint, run_files, same_setting)
+from deepseek_mini.train import (TrainConfig, TrainingInterrupted, TrainResult, _plan, _run, _saved_train_config,
+                                 plot_losses)
+
+__all__ = ["main"]
+
+DEFAULT_OUT = "runs/toy"
+SAMPLE_PROMPTS = ("37+25=", "sort: 9 4 7 1 -> ", "def add_4(x):\n", "the small ")
+SAMPLE_TOKENS = 48
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, the shell's convention
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Every option defaults to None, so that ``main`` can tell a flag the user typed from a default."""
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m deepseek_mini.train",
+        description="Train a deepseek_mini model on the built-in synthetic corpus (or your own text "
+                    "file), write metrics, a checkpoint and a loss plot, and print samples.",
+        epilog="examples:\n"
+               "  python -m deepseek_mini.train                        # toy DeepSeek (MLA + MoE) on CPU, ~4 min on 2 cores\n"
+               "  python -m deepseek_mini.train --steps 200 --out runs/quick\n"
+               "  python -m deepseek_mini.train --data my_text.txt --out runs/mine\n"
+               "  python -m deepseek_mini.train --resume runs/toy      # continue a stopped run (Ctrl-C saves one)\n"
+               "  python -m deepseek_mini.train --resume runs/toy --steps 1600   # train a finished run further\n"
+               "  python -m deepseek_mini.train --config mini --device cuda --steps 5000 --out runs/mini\n"
+               "\n"
+               "A folder that holds a run is never silently replaced: pass --overwrite, --resume it or\n"
+               "choose another --out. --resume restores the checkpoint's model and settings; a flag that\n"
+               "would change them (--config, --seed, --lr, ...) is an error. Ctrl-C finishes the step,\n"
+               "saves a checkpoint and prints the command that resumes (exit status 130).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--config", metavar="NAME_OR_PATH",
+                       help=f"preset ({', '.join(preset_names())}) or path to a config.json "
+                            "(default: toy; on --resume, the checkpoint's)")
+    run = parser.add_argument_group("run (on --resume: the checkpoint's, except --steps, --eval-every, --device)")
+    run.add_argument("--steps", type=int, metavar="N",
+                     help=f"total optimizer steps (default: {d.steps}); on --resume, more than the "
+                          "checkpoint's step to train further")
+    run.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per step (default: {d.batch_size})")
+    run.add_argument("--seq-len", type=int, metavar="N", help=f"tokens per sequence (default: {d.seq_len})")
+    run.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
+    run.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup steps (default: {d.warmup_steps})")
+    run.add_argument("--eval-every", type=int, metavar="N", help=f"evaluate every N steps (default: {d.eval_every})")
+    run.add_argument("--seed", type=int, metavar="N", help=f"seed for data, initialisation and sampling (default: {d.seed})")
+    run.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    moe = parser.add_argument_group("load balancing (MoE models only; DeepSeek-V3 §2.1.2)")
+    moe.add_argument("--bias-update-speed", type=float, metavar="GAMMA",
+                     help=f"aux-loss-free bias update speed gamma, 0 = off (default: {d.bias_update_speed})")
+    moe.add_argument("--balance-loss", choices=("sequence", "batch", "none"),
+                     help="balance loss: sequence-wise (eqs. 17-20), batch (conventional auxiliary loss) "
+                          f"or none (default: {d.balance_loss})")
+    moe.add_argument("--balance-alpha", type=float, metavar="ALPHA",
+                     help=f"balance loss weight alpha (default: {d.balance_loss_alpha})")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="SOURCE",
+                      help="'synthetic' (built-in 4-domain corpus) or a UTF-8 text file (default: synthetic)")
+    data.add_argument("--n-docs", type=int, metavar="N", help=f"synthetic documents to generate (default: {d.n_docs})")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help=f"folder for checkpoint.pt, metrics.jsonl and loss.png "
+                                                  f"(default: {DEFAULT_OUT}; on --resume, the checkpoint's folder)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (its checkpoints, metrics and plot are deleted)")
+    out.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="also keep checkpoint-NNNNNN.pt every N steps (default: only checkpoint.pt at the end)")
+    out.add_argument("--resume", metavar="PATH",
+                     help="continue a run: a checkpoint file, or a run folder (its newest checkpoint)")
+    out.add_argument("--samples", type=int, metavar="N",
+                     help=f"prompts to complete at the end, 0 to {len(SAMPLE_PROMPTS)} (default: {len(SAMPLE_PROMPTS)})")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+# CLI option -> TrainConfig field, for the options that are training settings
+_FLAG_FIELDS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
+                "warmup_steps": "warmup_steps", "eval_every": "eval_every", "seed": "seed", "device": "device",
+                "bias_update_speed": "bias_update_speed", "balance_loss": "balance_loss",
+                "balance_alpha": "balance_loss_alpha", "data": "data", "n_docs": "n_docs",
+                "checkpoint_every": "checkpoint_every"}
+
+
+def _cli_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | None]:
+    """Model config, training settings and checkpoint from the flags the user typed.
+
+    Fresh run: typed flags over ``TrainConfig`` defaults. Resume: the checkpoint's config and
+    settings; a typed flag that would change them is an error naming the flag.
+    """
+    given = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    if args.resume is None:
+        cfg = TrainConfig(**given, out_dir=args.out or DEFAULT_OUT, progress=not args.no_progress)
+        return load_config(args.config or "toy"), cfg, None
+    checkpoint = find_checkpoint(args.resume)
+    meta = peek_checkpoint(checkpoint)
+    saved = _saved_train_config(meta, checkpoint)
+    saved_model = ModelConfig.from_dict(meta["model_config"], source=f"checkpoint {str(checkpoint)!r}")
+    if args.config is not None and load_config(args.config) != saved_model:
+        diff = config_differences(load_config(args.config), saved_model)
+        raise ValueError(f"--config {args.config} differs from the checkpoint's model ({'; '.join(diff[:3])}"
+                         f"{'; ...' if len(diff) > 3 else ''}); --resume restores the checkpoint's model: drop --config")
+    for flag, field in _FLAG_FIELDS.items():
+        if field in RESUME_FIXED and field in given and not same_setting(field, given[field], getattr(saved, field)):
+            why = RESUME_FIXED[field][1]
+            raise ValueError(f"--{flag.replace('_', '-')} {given[field]} differs from the checkpoint's "
+                             f"{getattr(saved, field)}; {why} (drop the flag to continue the run, or start a new "
+                             "run without --resume)")
+    steps = given.get("steps", saved.steps)
+    if steps <= meta["step"]:
+        raise ValueError(f"--steps {steps} must be greater than the checkpoint's step ({meta['step']}): "
+                         f"{'the run in ' + repr(str(checkpoint)) + ' is finished; ' if 'steps' not in given else ''}"
+                         f"pass --steps N with N > {meta['step']} to train further")
+    changeable = {k: given[k] for k in ("steps", "device", "eval_every", "checkpoint_every") if k in given}
+    cfg = dataclasses.replace(saved, **changeable, out_dir=args.out or str(checkpoint.parent),
+                              progress=not args.no_progress)
+    return saved_model, cfg, checkpoint
+
+
+def _check_samples(n: int, config: ModelConfig) -> None:
+    """Each sample prompt must leave room for a generated token in the model's context."""
+    if not 0 <= n <= len(SAMPLE_PROMPTS):
+        raise ValueError(f"--samples ({n}) must be between 0 and {len(SAMPLE_PROMPTS)}")
+    tok = ByteTokenizer()
+    for i, text in enumerate(SAMPLE_PROMPTS[:n]):
+        length = len(tok.encode(text, bos=True))
+        if length >= config.max_position_embeddings:
+            raise ValueError(f"sample prompt {i + 1} ({text!r}, {length} tokens) does not fit the model's context "
+                             f"(max_position_embeddings {config.max_position_embeddings}); pass --samples {i}")
+
+
+def _print_samples(result: TrainResult, n: int) -> None:
+    tok = ByteTokenizer()
+    device = next(result.model.parameters()).device
+    print("\nsamples (greedy):")
+    for text in SAMPLE_PROMPTS[:n]:
+        prompt = torch.tensor([tok.encode(text, bos=True)], device=device)
+        room = result.model_config.max_position_embeddings - prompt.shape[1]
+        out = generate(result.model, prompt, max_new_tokens=min(SAMPLE_TOKENS, room), temperature=0,
+                       stop_token=EOS_ID)
+        print(f"  {tok.decode(out[0])!r}")
+
+
+def _report(result: TrainResult, samples: int) -> None:
+    """Summary, then the files (written first), then samples: a failing sample loses nothing."""
+    cfg, h, out = result.train_config, result.history, result.out_dir
+    print(f"\nmodel: {count_parameters(result.model)}")
+    trained = f"steps {result.start_step + 1}-{cfg.steps}" if result.start_step else f"{cfg.steps} steps"
+    print(f"trained {trained} in {result.elapsed_s:.0f} s on {result.device}")
+    val = h["val_loss"][-1]
+    print(f"validation loss {val:.3f} nats/token vs unigram entropy {result.unigram_entropy:.3f} "
+          f"(a model that ignores context); {result.unigram_entropy - val:.3f} below it")
+    if "maxvio" in h:
+        last = h["maxvio"][-50:]
+        print(f"expert load balance: MaxVio {sum(last) / len(last):.3f} over the last {len(last)} steps "
+              f"(max/mean tokens per expert - 1; 0 = perfectly balanced)")
+    plot = plot_losses(result, out / PLOT_NAME)
+    print(f"\nloss plot:  {plot}")
+    print(f"metrics:    {out / METRICS_NAME}")
+    print(f"checkpoint: {out / CHECKPOINT_NAME}")
+    if samples:
+        _print_samples(result, samples)
+
+
+def _error(message: object, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI. Exit status: 0 done, 2 a flag or input to change, 1 a failure while running, 130 Ctrl-C.
+
+    Every error is one line on stderr that says what to change; whatever was already
+    computed (checkpoint, metrics, plot) is on disk before an error is reported.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        model_config, cfg, checkpoint = _cli_configs(args)
+        samples = len(SAMPLE_PROMPTS) if args.samples is None else args.samples
+        _check_samples(samples, model_config)
+        plan = _plan(model_config, cfg, checkpoint, args.overwrite, cli=True)
+    except (ValueError, NotImplementedError) as exc:
+        return _error(exc, EXIT_USAGE)
+    except TypeError as exc:   # a config value of the wrong type that validation did not name
+        return _error(f"a value in {args.config or 'the config'} has the wrong type ({exc}); "
+                      "write numbers without quotes", EXIT_USAGE)
+    except OSError as exc:
+        return _error(exc, EXIT_FAILED)
+    out = shlex.quote(str(plan.out_dir))
+    try:
+        with RunLock(plan.out_dir):
+            result = _run(plan, data=None)
+            _report(result, samples)
+    except TrainingInterrupted as exc:
+        where = f"checkpoint: {exc.checkpoint}" if exc.checkpoint is not None else str(exc)
+        print(f"\ninterrupted after step {exc.step}; {where}", file=sys.stderr)
+        if exc.checkpoint is not None or run_files(plan.out_dir):
+            print(f"resume with: python -m deepseek_mini.train --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; nothing more to save in {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, NotImplementedError) as exc:
+        return _error(exc, EXIT_USAGE)
+    except (OSError, RuntimeError) as exc:
+        notes = " ".join(getattr(exc, "__notes__", []))
+        return _error(f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+                      f"{'; ' + notes if notes else ''}", EXIT_FAILED)
+    return 0
