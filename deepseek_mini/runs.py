@@ -11,7 +11,10 @@ A run writes into one folder (``TrainConfig.out_dir``; ``--out`` on the command 
 
 A checkpoint holds everything needed to continue bit-identically: the model, the optimiser,
 the data sampler's RNG state, the global RNG states, the model config and the training
-settings (as plain dicts), and the loss history. At scale this is what makes a run
+settings (as plain dicts), the loss history and the state of the loop's hooks. Only the
+model is required: ``save_checkpoint`` and ``load_checkpoint`` take the optimiser, any
+sampler with ``state_dict``/``load_state_dict`` and the rest as options, so loops other than
+``deepseek_mini.train`` (GRPO in chapter 08, the parallel loops of chapter 06) use them too. At scale this is what makes a run
 recoverable: a rollback reloads an earlier checkpoint after a loss spike or a failure, and
 DeepSeek-V3's report (arXiv 2412.19437, abstract) counts needing none in its whole training
 run as a sign of stability. Here the usual events are Ctrl-C and a crash.
@@ -26,8 +29,9 @@ Each rule below keeps a run from losing or mixing work:
   because continuing from the older one would delete newer work.
 * *One writer per folder* (``RunLock``). ``.lock`` is created exclusively and holds the pid,
   so a second process refuses the folder; a lock whose pid is gone (a killed run) is taken over.
-* *A resume continues the same run* (``RESUME_FIXED``). Changing the seed, data, batch shape,
-  schedule, optimiser or balancing recipe would give a run that is neither the old one nor a
+* *A resume continues the same run* (``RESUME_FIXED`` in ``deepseek_mini.train``, declared
+  with each ``TrainConfig`` field). Changing the seed, data, batch shape, schedule, optimiser,
+  balancing recipe or the loop's hooks would give a run that is neither the old one nor a
   fresh one, so each is checked against the checkpoint, with the reason in the error.
 * *Whole files only* (``atomic_write``). Every file a run rewrites goes to a temporary name
   unique to the process, then ``os.replace`` renames it: a reader, or a run killed mid-write,
@@ -47,22 +51,19 @@ import re
 import shlex
 import sys
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.data import Batcher
 
-if TYPE_CHECKING:   # train.py imports this module; the annotation needs no import at run time
-    from deepseek_mini.train import TrainConfig
-
-__all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "RESUME_FIXED",
-           "atomic_write", "save_checkpoint", "load_checkpoint", "find_checkpoint", "peek_checkpoint",
-           "config_differences", "same_setting", "RunLock", "run_files", "append_metrics", "prepare_folder"]
+__all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "Stateful",
+           "atomic_write", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "find_checkpoint",
+           "peek_checkpoint", "sampler_state", "config_differences", "same_setting", "RunLock", "run_files",
+           "append_metrics", "prepare_folder"]
 
 CHECKPOINT_NAME = "checkpoint.pt"             # the run's newest state: written at the end and on Ctrl-C
 PERIODIC_NAME = "checkpoint-{step:06d}.pt"    # kept every checkpoint_every steps
@@ -71,15 +72,26 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 LOCK_NAME = ".lock"
 
-CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "batcher", "torch_rng", "model_config",
-                             "train_config", "history"})
+CHECKPOINT_KEYS = frozenset({"step", "model"})   # every checkpoint; the rest is optional
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores: a data sampler (``Batcher``), an optimizer, a hook."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 # ----------------------------------------------------------------------------- files and checkpoints
 
-def _plain_train_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings as plain Python values (paths as str), so weights_only loading accepts them."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+def _plain_settings(settings: Any) -> dict[str, Any]:
+    """A settings dataclass (``TrainConfig``) or dict as plain Python values (paths as str),
+    so weights_only loading accepts them."""
+    values = asdict(settings) if is_dataclass(settings) and not isinstance(settings, type) else settings
+    if not isinstance(values, dict):
+        raise ValueError(f"train_config must be a dataclass instance or a dict, not {type(settings).__name__}")
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -100,19 +112,36 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, batcher: Batcher,
-                    step: int, model_config: ModelConfig, train_config: TrainConfig,
-                    history: dict[str, list[float]]) -> Path:
-    """Everything needed to continue bit-identically, as tensors and plain Python values only
-    (``torch.load(weights_only=True)`` reads it back); written atomically."""
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    sampler: Stateful | None = None, step: int = 0, model_config: ModelConfig | None = None,
+                    train_config: Any = None, history: dict[str, list[float]] | None = None,
+                    hooks: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Save a training state as tensors and plain Python values only (``torch.load(weights_only=True)``
+    reads it back), written atomically; the global RNG states are always included.
+
+    Only ``model`` is required. ``sampler`` is any object with ``state_dict`` (``Batcher``, a
+    prompt sampler); ``train_config`` a settings dataclass or dict; ``hooks`` the states of
+    the loop's hooks by name. ``deepseek_mini.train`` passes all of them, so its runs resume
+    bit-identically; ``load_checkpoint`` restores what was given.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, not {type(model).__name__}")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step ({step!r}) must be an integer >= 0")
+    for label, obj in (("optimizer", optimizer), ("sampler", sampler)):
+        if obj is not None and not callable(getattr(obj, "state_dict", None)):
+            raise ValueError(f"{label} ({type(obj).__name__}) has no state_dict(); pass an object with "
+                             "state_dict and load_state_dict, or None")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "batcher": batcher.state_dict(), "torch_rng": torch.get_rng_state(),
+        "step": step, "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "sampler": None if sampler is None else sampler.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "model_config": model_config.to_dict(), "train_config": _plain_train_config(train_config),
-        "history": history,
+        "model_config": None if model_config is None else model_config.to_dict(),
+        "train_config": None if train_config is None else _plain_settings(train_config),
+        "history": history, "hooks": dict(hooks or {}),
     }
     atomic_write(path, lambda f: torch.save(state, f))
     return path
@@ -161,24 +190,59 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def _check_state(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {str(path)!r} is not a deepseek_mini.train checkpoint "
+        raise ValueError(f"checkpoint {str(path)!r} is not a deepseek_mini checkpoint "
                          f"(it holds a {type(state).__name__}, not a dict)")
     missing = CHECKPOINT_KEYS - set(state)
     if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks {sorted(missing)}: not written by deepseek_mini.train")
+        raise ValueError(f"checkpoint {str(path)!r} lacks {sorted(missing)}: not written by save_checkpoint")
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise ValueError(f"checkpoint {str(path)!r} has an invalid step ({state['step']!r})")
     return state
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint`` (a file, or the newest in a run folder).
+def sampler_state(state: dict[str, Any]) -> Any:
+    """The saved sampler state, or None (checkpoints before issue #10 named it ``batcher``)."""
+    return state["sampler"] if state.get("sampler") is not None else state.get("batcher")
+
+
+def restore_checkpoint(state: dict[str, Any], model: nn.Module | None = None,
+                       optimizer: torch.optim.Optimizer | None = None, sampler: Stateful | None = None, *,
+                       rng: bool = False, source: str = "the checkpoint") -> dict[str, Any]:
+    """Load a checkpoint's saved states into the objects given (each optional); ``rng=True``
+    also restores the global torch (and CUDA) RNG states. Returns ``state``.
+
+    Asking for a state the checkpoint does not hold is a one-line ``ValueError``.
+    """
+    wanted = (("optimizer", optimizer, state.get("optimizer")), ("sampler", sampler, sampler_state(state)),
+              ("torch_rng", rng or None, state.get("torch_rng")))
+    for label, target, saved in wanted:
+        if target is not None and saved is None:
+            raise ValueError(f"{source} holds no {label} state to restore (it was saved without one)")
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if sampler is not None:
+        sampler.load_state_dict(sampler_state(state))
+    if rng:
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    sampler: Stateful | None = None, *, rng: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (a file, or the newest in a run folder),
+    and restore it into ``model``, ``optimizer`` and ``sampler`` where given (``rng=True``: the
+    global RNG states too). Returns the checkpoint's dict.
 
     Loads with ``weights_only=True``: only tensors and plain data, so a crafted file cannot
     run code. Errors are one-line ``ValueError``s naming the file.
     """
     path = find_checkpoint(path)
-    return _check_state(_torch_load(path), path)
+    state = _check_state(_torch_load(path), path)
+    return restore_checkpoint(state, model, optimizer, sampler, rng=rng, source=f"checkpoint {str(path)!r}")
 
 
 def peek_checkpoint(path: Path) -> dict[str, Any]:
@@ -329,26 +393,8 @@ def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, ove
 
 
 # ----------------------------------------------------------------------------- resume: what must stay the same
-
-# Settings a resume must keep: changing one would not continue the same run. The others
-# (steps, device, eval_every, out_dir, checkpoint_every, progress) may change on resume.
-_SCHEDULE = "the learning-rate schedule depends on it"
-_OPTIMIZER = "the optimizer's state was built with it"
-_SAMPLER = "the data sampler's saved state is for the checkpoint's value"
-_CORPUS = "the corpus depends on it"
-_BALANCE = "the load-balancing recipe is part of the run"
-RESUME_FIXED: dict[str, tuple[str | None, str]] = {   # field: (CLI flag or None, why it is fixed)
-    "seed": ("--seed", "the corpus and the data order depend on it"),
-    "data": ("--data", _CORPUS), "n_docs": ("--n-docs", _CORPUS),
-    "batch_size": ("--batch-size", _SAMPLER), "seq_len": ("--seq-len", _SAMPLER),
-    "lr": ("--lr", _SCHEDULE), "warmup_steps": ("--warmup-steps", _SCHEDULE), "min_lr_ratio": (None, _SCHEDULE),
-    "weight_decay": (None, _OPTIMIZER), "beta1": (None, _OPTIMIZER), "beta2": (None, _OPTIMIZER),
-    "grad_clip": (None, _OPTIMIZER),
-    "eval_batches": (None, "the validation losses would not be comparable"),
-    "bias_update_speed": ("--bias-update-speed", _BALANCE), "balance_loss": ("--balance-loss", _BALANCE),
-    "balance_loss_alpha": ("--balance-alpha", _BALANCE),
-}
-
+# Which training settings a resume must keep is declared with each TrainConfig field
+# (deepseek_mini.train.RESUME_FIXED); these helpers compare values.
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     """The fields where two model configs differ, as ``name a vs b`` (for error messages)."""

@@ -7,6 +7,13 @@ beta1 = 0.9, beta2 = 0.95, weight decay 0.1, gradient clipping at norm 1.0, line
 The paper holds the peak rate for most of training and then decays with a cosine; with a
 few hundred steps we warm up and decay straight away (``lr_schedule``).
 
+The loop is the same for every model. A feature adds to a step through a ``TrainHook``
+(``deepseek_mini.hooks``): extra losses, work after the backward pass or after the optimizer
+step, metrics. DeepSeekMoE's load balancing is the first (``MoEBalancing``); Multi-Token
+Prediction (chapter 04), FP8 (05) and parallelism (06) plug in the same way, without
+``if is_moe`` branches here. ``TrainConfig.compile`` runs the training forward and backward
+through ``torch.compile``.
+
 Honest simplifications for a CPU course: one process (chapter 06 adds pipeline and expert
 parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), no FP8
 (chapter 05). On CUDA the forward runs under bf16 autocast with float32 master weights.
@@ -21,8 +28,8 @@ A run never loses or mixes work. This module keeps each step whole:
   Any other error before the optimizer step saves the last whole step, then propagates.
 
 ``deepseek_mini.runs`` owns the folder a run writes (checkpoints, metrics, the lock, the
-rules for occupied folders) and ``deepseek_mini.train_cli`` the command line; their public
-names are importable from here too.
+rules for occupied folders) and ``deepseek_mini.train_cli`` the command line, which it builds
+from ``TrainConfig``'s field declarations; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,45 +53,95 @@ from tqdm.auto import tqdm
 
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
+from deepseek_mini.hooks import BALANCE_LOSSES, MoEBalancing, TrainHook
 from deepseek_mini.model import build_model
-from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_biases
-from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RESUME_FIXED, RunLock, append_metrics, atomic_write,
-                                config_differences, find_checkpoint, load_checkpoint, prepare_folder, same_setting,
-                                save_checkpoint)
+from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, atomic_write,
+                                config_differences, find_checkpoint, load_checkpoint, prepare_folder,
+                                restore_checkpoint, same_setting, sampler_state, save_checkpoint)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "train", "evaluate", "evaluate_by_domain",
-           "lr_schedule", "select_device", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "plot_losses", "main"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "RESUME_FIXED",
+           "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule", "select_device",
+           "save_checkpoint", "load_checkpoint", "find_checkpoint", "plot_losses", "main"]
+
+DEFAULT_OUT = "runs/toy"   # the command line's --out when none is given (the API writes no files by default)
+
+# Why a resume must keep a setting (the ``fixed`` of its declaration): changing it would not continue the run.
+_SCHEDULE = "the learning-rate schedule depends on it"
+_OPTIMIZER = "the optimizer's state was built with it"
+_SAMPLER = "the data sampler's saved state is for the checkpoint's value"
+_CORPUS = "the corpus depends on it"
+_BALANCE = "the load-balancing recipe is part of the run"
+
+
+def _setting(default: Any, help: str, group: str, *, flag: str | None = None, metavar: str | None = None,
+             choices: tuple[str, ...] | None = None, fixed: str | None = None, shown: str | None = None) -> Any:
+    """A ``TrainConfig`` field, declared once: default, help text, command-line group and flag.
+
+    ``flag`` defaults to ``--field-name``; a bool field's flag turns it to the other value
+    (``--no-progress``). ``help`` may place the default with ``{default}``; otherwise the CLI
+    appends ``(default: ...)``, showing ``shown`` when given. ``fixed`` says why a resume must
+    keep the setting (``RESUME_FIXED``); a setting without it may change on resume.
+    ``deepseek_mini.train_cli`` builds its parser and ``--help`` from these declarations.
+    """
+    return field(default=default, metadata={"help": help, "group": group, "flag": flag, "metavar": metavar,
+                                            "choices": choices, "fixed": fixed, "shown": shown})
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a ``TrainConfig`` field."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
 @dataclass
 class TrainConfig:
-    """Everything about a training run that is not the model's architecture."""
+    """Everything about a training run that is not the model's architecture.
 
-    steps: int = 800
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1          # final LR = lr * min_lr_ratio (the paper decays 2.2e-4 -> 2.2e-5)
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 16
-    seed: int = 0
-    device: str = "auto"
-    data: str = "synthetic"            # "synthetic" or a path to a UTF-8 text file
-    n_docs: int = 4000
-    out_dir: str | None = None         # where checkpoints, metrics.jsonl and loss.png go
-    checkpoint_every: int = 0          # also keep checkpoint-NNNNNN.pt every N steps (0: only the final one)
-    progress: bool = True
-    # DeepSeekMoE load balancing (§2.1.2; ignored by dense models). The defaults are V3's recipe:
-    # the auxiliary-loss-free bias update plus a tiny sequence-wise balance loss.
-    bias_update_speed: float = 0.001   # gamma; 0 turns the bias update off
-    balance_loss: str = "sequence"     # "sequence" (eqs. 17-20), "batch" (conventional aux loss) or "none"
-    balance_loss_alpha: float = 1e-4   # alpha (V3: 0.0001)
+    Each field is declared once (``_setting``): its default, its help text, its command-line
+    flag and group, and (``fixed``) why a resume must keep it. The CLI's parser and
+    ``--help``, and ``RESUME_FIXED``, are built from these declarations.
+    """
+
+    steps: int = _setting(800, "total optimizer steps (default: {default}); on --resume, more than the "
+                               "checkpoint's step to train further", "run", metavar="N")
+    batch_size: int = _setting(16, "sequences per step", "run", metavar="N", fixed=_SAMPLER)
+    seq_len: int = _setting(128, "tokens per sequence", "run", metavar="N", fixed=_SAMPLER)
+    lr: float = _setting(3e-3, "peak learning rate", "run", fixed=_SCHEDULE)
+    min_lr_ratio: float = _setting(0.1, "final learning rate as a fraction of the peak (default: {default}; "
+                                        "DeepSeek-V3 decays 2.2e-4 to 2.2e-5)", "optimizer", metavar="RATIO",
+                                   fixed=_SCHEDULE)
+    warmup_steps: int = _setting(50, "linear warmup steps", "run", metavar="N", fixed=_SCHEDULE)
+    weight_decay: float = _setting(0.1, "weight decay of the matrices (default: {default}; norm gains and "
+                                        "biases never decay)", "optimizer", metavar="WD", fixed=_OPTIMIZER)
+    beta1: float = _setting(0.9, "first-moment decay", "optimizer", metavar="BETA", fixed=_OPTIMIZER)
+    beta2: float = _setting(0.95, "second-moment decay", "optimizer", metavar="BETA", fixed=_OPTIMIZER)
+    grad_clip: float = _setting(1.0, "clip the gradients' global norm to this", "optimizer", metavar="NORM",
+                                fixed=_OPTIMIZER)
+    eval_every: int = _setting(100, "evaluate every N steps", "run", metavar="N")
+    eval_batches: int = _setting(16, "validation batches per evaluation", "run", metavar="N",
+                                 fixed="the validation losses would not be comparable")
+    seed: int = _setting(0, "seed for data, initialisation and sampling", "run", metavar="N",
+                         fixed="the corpus and the data order depend on it")
+    device: str = _setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", "run")
+    compile: bool = _setting(False, "train through torch.compile(model): the first steps compile, evaluation "
+                                    "stays eager", "run")
+    data: str = _setting("synthetic", "'synthetic' (built-in 4-domain corpus) or a UTF-8 text file", "data",
+                         metavar="SOURCE", fixed=_CORPUS)
+    n_docs: int = _setting(4000, "synthetic documents to generate", "data", metavar="N", fixed=_CORPUS)
+    out_dir: str | None = _setting(None, "folder for checkpoint.pt, metrics.jsonl and loss.png", "output",
+                                   flag="--out", metavar="DIR",
+                                   shown=f"{DEFAULT_OUT}; on --resume, the checkpoint's folder")
+    checkpoint_every: int = _setting(0, "also keep checkpoint-NNNNNN.pt every N steps", "output", metavar="N",
+                                     shown="only checkpoint.pt at the end")
+    progress: bool = _setting(True, "hide the progress bar", "output", flag="--no-progress")
+    # DeepSeekMoE load balancing (§2.1.2; MoEBalancing; nothing on dense models). The defaults are V3's
+    # recipe: the auxiliary-loss-free bias update plus a tiny sequence-wise balance loss (alpha 0.0001).
+    bias_update_speed: float = _setting(0.001, "aux-loss-free bias update speed gamma, 0 = off", "balancing",
+                                        metavar="GAMMA", fixed=_BALANCE)
+    balance_loss: str = _setting("sequence", "balance loss: sequence-wise (eqs. 17-20), batch (conventional "
+                                             "auxiliary loss) or none", "balancing", choices=BALANCE_LOSSES,
+                                 fixed=_BALANCE)
+    balance_loss_alpha: float = _setting(1e-4, "balance loss weight alpha", "balancing", flag="--balance-alpha",
+                                         metavar="ALPHA", fixed=_BALANCE)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_docs"):
@@ -111,8 +168,11 @@ class TrainConfig:
         if not self.bias_update_speed >= 0 or not self.balance_loss_alpha >= 0:
             raise ValueError(f"bias_update_speed ({self.bias_update_speed}) and balance_loss_alpha "
                              f"({self.balance_loss_alpha}) must be >= 0")
-        if self.balance_loss not in ("sequence", "batch", "none"):
+        if self.balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss ({self.balance_loss!r}) must be 'sequence', 'batch' or 'none'")
+        for name in ("compile", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda", "mps")
                                                 and not re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device ({self.device!r}) must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -122,9 +182,23 @@ class TrainConfig:
             raise ValueError(f"out_dir ({self.out_dir!r}) must be a folder path or None")
 
 
+# Settings a resume must keep, as {field: (CLI flag, why)}; the others may change on resume.
+RESUME_FIXED: dict[str, tuple[str, str]] = {f.name: (_flag(f), f.metadata["fixed"])
+                                            for f in fields(TrainConfig) if f.metadata["fixed"]}
+
+
+def default_hooks(cfg: TrainConfig) -> list[TrainHook]:
+    """The hooks ``train`` uses unless given others: DeepSeekMoE's balancing with ``cfg``'s recipe
+    (it does nothing on a model without MoE layers)."""
+    return [MoEBalancing(cfg.bias_update_speed, cfg.balance_loss, cfg.balance_loss_alpha)]
+
+
 def _saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:
     """The training settings a checkpoint saved, as a ``TrainConfig`` (unknown fields are an error)."""
     saved = state["train_config"]
+    if saved is None or state.get("model_config") is None:
+        raise ValueError(f"checkpoint {str(path)!r} holds no training settings or model config: it was not "
+                         "written by deepseek_mini.train, so it cannot be resumed (load it with load_checkpoint)")
     unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)}) if isinstance(saved, dict) else None
     if unknown is None or unknown:
         raise ValueError(f"checkpoint {str(path)!r} has training settings this version does not know: {unknown}")
@@ -142,6 +216,7 @@ class TrainResult:
     out_dir: Path | None = None
     elapsed_s: float = 0.0
     start_step: int = 0               # the checkpoint's step when resumed, else 0
+    hooks: list[TrainHook] = field(default_factory=list)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -197,9 +272,13 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
+def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float32, (B, T, V) logits against (B, T) targets."""
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _lm_loss(model(x), y)
 
 
 @torch.no_grad()
@@ -249,15 +328,37 @@ class _Plan:
     out_dir: Path | None
     overwrite: bool
     cli: bool
+    hooks: list[TrainHook]
+
+
+def _check_hooks(hooks: Sequence[TrainHook], state: dict[str, Any] | None, checkpoint: Path | None) -> list[TrainHook]:
+    """Hooks are TrainHook instances with unique names; a resume has the checkpoint's hooks."""
+    if isinstance(hooks, TrainHook) or not all(isinstance(h, TrainHook) for h in hooks):
+        raise ValueError(f"hooks must be a list of TrainHook instances, got {hooks!r}")
+    names = [h.name for h in hooks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"hook names must be unique (they key the hooks' states in checkpoints): {names}")
+    saved = state.get("hooks") if state is not None else None
+    if saved is not None and sorted(saved) != sorted(names):   # checkpoints before issue #10 saved no hooks
+        raise ValueError(f"the checkpoint {str(checkpoint)!r} was trained with hooks {sorted(saved)}, this run "
+                         f"has {sorted(names)}; the hooks are part of the run: pass the same ones (hooks=None "
+                         "gives the defaults)")
+    return list(hooks)
 
 
 def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | None,
-          resume: str | Path | None, overwrite: bool, cli: bool = False) -> _Plan:
+          resume: str | Path | None, overwrite: bool, cli: bool = False,
+          hooks: Sequence[TrainHook] | None = None) -> _Plan:
     """Check every input and settle the configs; nothing is trained or written here."""
     state = checkpoint = None
     if resume is not None:
         checkpoint = find_checkpoint(resume)
         state = load_checkpoint(checkpoint)
+        missing = [k for k in ("optimizer", "torch_rng", "history") if state.get(k) is None]
+        if missing or sampler_state(state) is None:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} holds no {', '.join(missing or ['sampler'])} state: "
+                             "it was not written by deepseek_mini.train, so it cannot be resumed")
+        saved = _saved_train_config(state, checkpoint)
         saved_model = ModelConfig.from_dict(state["model_config"], source=f"checkpoint {str(checkpoint)!r}")
         if model_config is not None:
             given = load_config(model_config)
@@ -267,7 +368,6 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
                                  f"{'; ...' if len(diff) > 3 else ''}); resume restores the checkpoint's model, "
                                  "so pass model_config=None")
         model_config = saved_model
-        saved = _saved_train_config(state, checkpoint)
         if train_config is None:   # continue with the checkpoint's settings, in its folder
             train_config = dataclasses.replace(saved, out_dir=str(checkpoint.parent))
         train_config.validate()
@@ -294,7 +394,8 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {str(out_dir)!r} is a file, not a folder; choose another path")
-    return _Plan(model_config, cfg, select_device(cfg.device), state, checkpoint, out_dir, overwrite, cli)
+    hooks = _check_hooks(default_hooks(cfg) if hooks is None else hooks, state, checkpoint)
+    return _Plan(model_config, cfg, select_device(cfg.device), state, checkpoint, out_dir, overwrite, cli, hooks)
 
 
 class _StopRequest:
@@ -324,9 +425,21 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
+_BASE_KEYS = ("step", "train_loss", "lr", "tokens", "val_loss")   # what every step records; hooks add to it
+
+
+def _add(record: dict[str, Any], values: dict[str, Any], hook: TrainHook, what: str) -> None:
+    """Put a hook's losses or metrics into the step's record; a key has one owner."""
+    for key, value in values.items():
+        if key in record or key in _BASE_KEYS:
+            raise ValueError(f"hook {hook.name!r} {what} {key!r}, which another hook or the loop already records")
+        record[key] = value
+
+
 def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResult:
     """The training loop (the caller holds the folder's lock)."""
     cfg, model_config, device, state, out_dir = plan.cfg, plan.model_config, plan.device, plan.state, plan.out_dir
+    hooks = plan.hooks
     start_step = state["step"] if state is not None else 0
     clean_folder = (prepare_folder(out_dir, plan.checkpoint, start_step, plan.overwrite, plan.cli)
                     if out_dir is not None else None)
@@ -336,21 +449,19 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
     optimizer = _make_optimizer(model, cfg)
     batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    # per step: step, train_loss, lr and whatever the hooks log (MoE: maxvio, balance_loss)
     history: dict[str, list[float]] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "val_loss": []}
-    is_moe = bool(moe_layers(model))
-    if is_moe:   # per step: MaxVio of the batch (mean over MoE layers) and the balance loss added
-        history |= {"maxvio": [], "balance_loss": []}
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        batcher.load_state_dict(state["batcher"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_checkpoint(state, model, optimizer, batcher, rng=True)
+        for hook in hooks:
+            hook.load_state_dict((state.get("hooks") or {}).get(hook.name, {}))
         history = state["history"]
     plan.state = state = None   # the tensors now live in the model and optimizer
     if clean_folder is not None:
         clean_folder()
+    # The training forward goes through the compiled module; it shares the parameters, buffers and
+    # submodules of ``model``, which evaluation, the hooks and the checkpoints use as is.
+    forward = torch.compile(model) if cfg.compile else model
     baseline = unigram_entropy(train_stream)
     model.train()
     started = time.perf_counter()
@@ -359,42 +470,55 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                unit="step", dynamic_ncols=True)
 
     def save(name: str, step: int) -> Path:
-        return save_checkpoint(out_dir / name, model, optimizer, batcher, step, model_config, cfg, history)
+        return save_checkpoint(out_dir / name, model, optimizer, batcher, step, model_config, cfg, history,
+                               hooks={hook.name: hook.state_dict() for hook in hooks})
 
-    done = start_step          # steps whose effect is in model, optimizer, biases, history and metrics
+    done = start_step          # steps whose effect is in model, optimizer, hooks, history and metrics
     phase = "between steps"    # "drawing": undoable (only RNG states moved); "committing": not undoable
     with _StopRequest(saves=out_dir is not None) as stop:
         try:
             while done < cfg.steps:
                 undo = (batcher.generator.get_state(), torch.get_rng_state())
                 phase = "drawing"
+                step = done + 1
                 lr = lr_schedule(done, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 x, y, _ = batcher.next_batch()
+                x, y = x.to(device), y.to(device)
+                extra: dict[str, torch.Tensor] = {}
                 with _autocast(device):
-                    loss = _loss(model, x.to(device), y.to(device))
-                    bal = balance_loss(model, cfg.balance_loss, cfg.balance_loss_alpha) if is_moe else None
+                    output = forward(x)
+                    loss = _lm_loss(output, y)
+                    for hook in hooks:
+                        _add(extra, hook.extra_loss(model, (x, y), output, step), hook, "adds the loss")
                 optimizer.zero_grad(set_to_none=True)
-                (loss if bal is None else loss + bal).backward()
+                total = loss
+                for value in extra.values():
+                    total = total + value
+                total.backward()
+                for hook in hooks:
+                    hook.after_backward(model, step)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 phase = "committing"
                 optimizer.step()
-                step = done + 1
+                for hook in hooks:   # e.g. the MoE bias update, once per step from the whole step's load
+                    hook.after_optimizer_step(model, step)
                 record: dict[str, Any] = {"step": step, "train_loss": loss.item(), "lr": lr,
                                           "tokens": step * cfg.batch_size * cfg.seq_len}
-                if is_moe:   # once per optimizer step, from the whole step's load (§2.1.2)
-                    loads = update_biases(model, cfg.bias_update_speed)
-                    record["maxvio"] = sum(max_violation(load) for load in loads) / len(loads)
-                    record["balance_loss"] = 0.0 if bal is None else bal.item()
+                for hook in hooks:
+                    _add(record, hook.metrics(model, step), hook, "logs the metric")
+                for name, value in extra.items():
+                    record[name] = value.item()
+                for key in record:
+                    if key != "tokens":
+                        history.setdefault(key, []).append(record[key])
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     record["val_loss"] = evaluate(model, val_batches, device)
                     history["eval_step"].append(step)
                     history["val_loss"].append(record["val_loss"])
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}",
-                                    **({"maxvio": f"{record['maxvio']:.2f}"} if is_moe else {}))
-                for key in ("step", "train_loss", "lr") + (("maxvio", "balance_loss") if is_moe else ()):
-                    history[key].append(record[key])
+                    shown = {key: f"{record[key]:.2f}" for hook in hooks for key in hook.progress_keys if key in record}
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}", **shown)
                 append_metrics(out_dir, record)
                 if out_dir is not None:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -433,22 +557,28 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
     bar.close()
     return TrainResult(model=model, history=history, model_config=model_config, train_config=cfg,
                        unigram_entropy=baseline, device=str(device), out_dir=out_dir,
-                       elapsed_s=time.perf_counter() - started, start_step=start_step)
+                       elapsed_s=time.perf_counter() - started, start_step=start_step, hooks=hooks)
 
 
 def train(model_config: ModelConfig | str | None, train_config: TrainConfig | None = None, *,
           data: tuple[TokenStream, TokenStream] | None = None, resume: str | Path | None = None,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, hooks: Sequence[TrainHook] | None = None) -> TrainResult:
     """Train a model from scratch, or continue the run saved at ``resume``.
 
     ``data`` = (train_stream, val_stream) skips building the corpus (the notebooks pass
     streams they already made). Returns the trained model and its loss history.
 
+    ``hooks`` are the features plugged into the loop (``TrainHook``); None gives
+    ``default_hooks(train_config)``, DeepSeekMoE's balancing. To add one, pass
+    ``[*default_hooks(cfg), MyHook()]``. Their extra losses and metrics go to the history
+    and ``metrics.jsonl`` under their names.
+
     ``resume`` is a checkpoint file or a run folder (its newest checkpoint). The checkpoint's
     model config and training settings are restored: pass ``model_config=None`` and
     ``train_config=None`` to continue in the checkpoint's folder, or a ``TrainConfig`` to
-    change only ``steps`` (greater than the checkpoint's step), ``device``, ``eval_every``,
-    ``out_dir``, ``checkpoint_every`` or ``progress``; any other difference is a ValueError.
+    change only ``steps`` (greater than the checkpoint's step), ``device``, ``compile``,
+    ``eval_every``, ``out_dir``, ``checkpoint_every`` or ``progress``; any other difference
+    (``RESUME_FIXED``), or other hooks, is a ValueError.
 
     With ``train_config.out_dir`` set, a folder already holding a run is refused unless
     ``overwrite=True`` (which deletes that run's files), and the folder is locked while
@@ -456,7 +586,7 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     ``TrainingInterrupted`` (a KeyboardInterrupt); other errors also save the last whole
     step before propagating.
     """
-    plan = _plan(model_config, train_config, resume, overwrite)
+    plan = _plan(model_config, train_config, resume, overwrite, hooks=hooks)
     with RunLock(plan.out_dir) if plan.out_dir is not None else contextlib.nullcontext():
         return _run(plan, data)
 

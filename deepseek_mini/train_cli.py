@@ -7,9 +7,12 @@ and DeepSeekMoE) with DeepSeek-V3's optimiser settings (arXiv 2412.19437 §4.2) 
 load-balancing recipe (§2.1.2). ``deepseek_mini.train.main`` calls ``main`` here, so the
 command keeps its module's name.
 
-Every option defaults to None, so that a flag the user typed is told apart from a default:
+The options that are training settings are generated from ``TrainConfig``'s field
+declarations (help text, flag, group, and whether a resume must keep the setting), so each
+is declared once. Every option defaults to None, so that a flag the user typed is told apart
+from a default:
 on ``--resume`` the checkpoint's model and settings are restored, and a typed flag that
-would change them (``RESUME_FIXED`` in ``deepseek_mini.runs``) is an error naming the flag,
+would change them (``RESUME_FIXED`` in ``deepseek_mini.train``) is an error naming the flag,
 both values and why the setting is fixed.
 
 Exit status: 0 done; 2 something to change (flags, config, folder, device, a sample prompt
@@ -24,6 +27,7 @@ import argparse
 import dataclasses
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -32,22 +36,44 @@ from deepseek_mini.config import ModelConfig, load_config, preset_names
 from deepseek_mini.data import EOS_ID, ByteTokenizer
 from deepseek_mini.generate import generate
 from deepseek_mini.model import count_parameters
-from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, RESUME_FIXED, RunLock, config_differences,
-                                find_checkpoint, peek_checkpoint, run_files, same_setting)
-from deepseek_mini.train import (TrainConfig, TrainingInterrupted, TrainResult, _plan, _run, _saved_train_config,
-                                 plot_losses)
+from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, RunLock, config_differences, find_checkpoint,
+                                peek_checkpoint, run_files, same_setting)
+from deepseek_mini.train import (DEFAULT_OUT, RESUME_FIXED, TrainConfig, TrainingInterrupted, TrainResult, _flag, _plan,
+                                 _run, _saved_train_config, plot_losses)
 
 __all__ = ["main"]
 
-DEFAULT_OUT = "runs/toy"
 SAMPLE_PROMPTS = ("37+25=", "sort: 9 4 7 1 -> ", "def add_4(x):\n", "the small ")
 SAMPLE_TOKENS = 48
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, the shell's convention
 
 
+_GROUPS = {   # TrainConfig declarations' groups -> titles, in --help order ("model" holds --config only)
+    "model": "model",
+    "run": "run",   # titled with the flags a resume may change, below
+    "optimizer": "optimizer (AdamW, DeepSeek-V3 §4.2; on --resume: the checkpoint's)",
+    "balancing": "load balancing (MoE models only; DeepSeek-V3 §2.1.2)",
+    "data": "data",
+    "output": "output",
+}
+_ARG_TYPES = {"int": int, "float": float}   # TrainConfig annotations (strings: `from __future__ import annotations`)
+
+
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text with its default: at ``{default}``, else appended; bool flags show none."""
+    text, shown = f.metadata["help"], f.metadata["shown"]
+    if isinstance(f.default, bool):
+        return text
+    default = shown if shown is not None else f.default
+    return text.format(default=default) if "{default}" in text else f"{text} (default: {default})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    """Every option defaults to None, so that ``main`` can tell a flag the user typed from a default."""
-    d = TrainConfig()
+    """The options: one per ``TrainConfig`` field, generated from its declaration, plus the four
+    that are not training settings (--config, --overwrite, --resume, --samples).
+
+    Every option defaults to None, so that ``main`` can tell a flag the user typed from a default.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m deepseek_mini.train",
         description="Train a deepseek_mini model on the built-in synthetic corpus (or your own text "
@@ -65,65 +91,43 @@ def _parser() -> argparse.ArgumentParser:
                "would change them (--config, --seed, --lr, ...) is an error. Ctrl-C finishes the step,\n"
                "saves a checkpoint and prints the command that resumes (exit status 130).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--config", metavar="NAME_OR_PATH",
-                       help=f"preset ({', '.join(preset_names())}) or path to a config.json "
-                            "(default: toy; on --resume, the checkpoint's)")
-    run = parser.add_argument_group("run (on --resume: the checkpoint's, except --steps, --eval-every, --device)")
-    run.add_argument("--steps", type=int, metavar="N",
-                     help=f"total optimizer steps (default: {d.steps}); on --resume, more than the "
-                          "checkpoint's step to train further")
-    run.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per step (default: {d.batch_size})")
-    run.add_argument("--seq-len", type=int, metavar="N", help=f"tokens per sequence (default: {d.seq_len})")
-    run.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
-    run.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup steps (default: {d.warmup_steps})")
-    run.add_argument("--eval-every", type=int, metavar="N", help=f"evaluate every N steps (default: {d.eval_every})")
-    run.add_argument("--seed", type=int, metavar="N", help=f"seed for data, initialisation and sampling (default: {d.seed})")
-    run.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    moe = parser.add_argument_group("load balancing (MoE models only; DeepSeek-V3 §2.1.2)")
-    moe.add_argument("--bias-update-speed", type=float, metavar="GAMMA",
-                     help=f"aux-loss-free bias update speed gamma, 0 = off (default: {d.bias_update_speed})")
-    moe.add_argument("--balance-loss", choices=("sequence", "batch", "none"),
-                     help="balance loss: sequence-wise (eqs. 17-20), batch (conventional auxiliary loss) "
-                          f"or none (default: {d.balance_loss})")
-    moe.add_argument("--balance-alpha", type=float, metavar="ALPHA",
-                     help=f"balance loss weight alpha (default: {d.balance_loss_alpha})")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="SOURCE",
-                      help="'synthetic' (built-in 4-domain corpus) or a UTF-8 text file (default: synthetic)")
-    data.add_argument("--n-docs", type=int, metavar="N", help=f"synthetic documents to generate (default: {d.n_docs})")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", help=f"folder for checkpoint.pt, metrics.jsonl and loss.png "
-                                                  f"(default: {DEFAULT_OUT}; on --resume, the checkpoint's folder)")
+    settings = fields(TrainConfig)
+    changeable = [_flag(f) for f in settings if f.metadata["group"] == "run" and f.name not in RESUME_FIXED]
+    titles = dict(_GROUPS, run=f"run (on --resume: the checkpoint's, except {', '.join(changeable)})")
+    groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
+    groups["model"].add_argument(
+        "--config", metavar="NAME_OR_PATH",
+        help=f"preset ({', '.join(preset_names())}) or path to a config.json (default: toy; on --resume, "
+             "the checkpoint's)")
+    for f in sorted(settings, key=lambda f: list(_GROUPS).index(f.metadata["group"])):   # usage in --help order
+        meta, group = f.metadata, groups[f.metadata["group"]]
+        if isinstance(f.default, bool):   # the flag turns the setting to the other value
+            group.add_argument(_flag(f), dest=f.name, action="store_const", const=not f.default, help=_help(f))
+        else:
+            group.add_argument(_flag(f), dest=f.name, type=_ARG_TYPES.get(f.type), metavar=meta["metavar"],
+                               choices=meta["choices"], help=_help(f))
+    out = groups["output"]
     out.add_argument("--overwrite", action="store_true",
                      help="replace the run already in --out (its checkpoints, metrics and plot are deleted)")
-    out.add_argument("--checkpoint-every", type=int, metavar="N",
-                     help="also keep checkpoint-NNNNNN.pt every N steps (default: only checkpoint.pt at the end)")
     out.add_argument("--resume", metavar="PATH",
                      help="continue a run: a checkpoint file, or a run folder (its newest checkpoint)")
     out.add_argument("--samples", type=int, metavar="N",
                      help=f"prompts to complete at the end, 0 to {len(SAMPLE_PROMPTS)} (default: {len(SAMPLE_PROMPTS)})")
-    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
-
-
-# CLI option -> TrainConfig field, for the options that are training settings
-_FLAG_FIELDS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
-                "warmup_steps": "warmup_steps", "eval_every": "eval_every", "seed": "seed", "device": "device",
-                "bias_update_speed": "bias_update_speed", "balance_loss": "balance_loss",
-                "balance_alpha": "balance_loss_alpha", "data": "data", "n_docs": "n_docs",
-                "checkpoint_every": "checkpoint_every"}
 
 
 def _cli_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Path | None]:
     """Model config, training settings and checkpoint from the flags the user typed.
 
-    Fresh run: typed flags over ``TrainConfig`` defaults. Resume: the checkpoint's config and
-    settings; a typed flag that would change them is an error naming the flag.
+    Fresh run: typed flags over ``TrainConfig`` defaults (``--out`` defaults to ``runs/toy``).
+    Resume: the checkpoint's config and settings; a typed flag that would change one of
+    ``RESUME_FIXED`` is an error naming the flag. The others (``--steps``, ``--device``,
+    ``--out``, ...) apply; the progress bar shows unless ``--no-progress``.
     """
-    given = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    flags = {f.name: _flag(f) for f in fields(TrainConfig)}
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
     if args.resume is None:
-        cfg = TrainConfig(**given, out_dir=args.out or DEFAULT_OUT, progress=not args.no_progress)
+        cfg = TrainConfig(**{"out_dir": DEFAULT_OUT, **given})
         return load_config(args.config or "toy"), cfg, None
     checkpoint = find_checkpoint(args.resume)
     meta = peek_checkpoint(checkpoint)
@@ -133,20 +137,18 @@ def _cli_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Pa
         diff = config_differences(load_config(args.config), saved_model)
         raise ValueError(f"--config {args.config} differs from the checkpoint's model ({'; '.join(diff[:3])}"
                          f"{'; ...' if len(diff) > 3 else ''}); --resume restores the checkpoint's model: drop --config")
-    for flag, field in _FLAG_FIELDS.items():
-        if field in RESUME_FIXED and field in given and not same_setting(field, given[field], getattr(saved, field)):
-            why = RESUME_FIXED[field][1]
-            raise ValueError(f"--{flag.replace('_', '-')} {given[field]} differs from the checkpoint's "
-                             f"{getattr(saved, field)}; {why} (drop the flag to continue the run, or start a new "
-                             "run without --resume)")
+    for name, value in given.items():
+        if name in RESUME_FIXED and not same_setting(name, value, getattr(saved, name)):
+            raise ValueError(f"{flags[name]} {value} differs from the checkpoint's {getattr(saved, name)}; "
+                             f"{RESUME_FIXED[name][1]} (drop the flag to continue the run, or start a new run "
+                             "without --resume)")
     steps = given.get("steps", saved.steps)
     if steps <= meta["step"]:
         raise ValueError(f"--steps {steps} must be greater than the checkpoint's step ({meta['step']}): "
                          f"{'the run in ' + repr(str(checkpoint)) + ' is finished; ' if 'steps' not in given else ''}"
                          f"pass --steps N with N > {meta['step']} to train further")
-    changeable = {k: given[k] for k in ("steps", "device", "eval_every", "checkpoint_every") if k in given}
-    cfg = dataclasses.replace(saved, **changeable, out_dir=args.out or str(checkpoint.parent),
-                              progress=not args.no_progress)
+    changeable = {name: value for name, value in given.items() if name not in RESUME_FIXED}
+    cfg = dataclasses.replace(saved, **{"out_dir": str(checkpoint.parent), "progress": True, **changeable})
     return saved_model, cfg, checkpoint
 
 
