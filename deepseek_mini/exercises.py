@@ -75,19 +75,29 @@ def strip_solutions(source: str, exercise: str) -> str:
     return "\n".join(out)
 
 
+def _nbgrader(cell: nbformat.NotebookNode) -> dict:
+    """A code cell's ``metadata.nbgrader`` ({} for other cells, or when it is not a dict).
+
+    Shared with the grader, which reads learners' files: a hand-edited notebook must not
+    crash it with metadata of the wrong shape.
+    """
+    if not isinstance(cell, dict) or cell.get("cell_type") != "code":
+        return {}
+    metadata = cell.get("metadata")
+    meta = metadata.get("nbgrader") if isinstance(metadata, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _grade_id(cell: nbformat.NotebookNode) -> str:
-    name = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-    if not name:
-        raise ValueError(f"a solution cell lacks metadata.nbgrader.grade_id:\n{cell.source[:200]}")
+    name = _nbgrader(cell).get("grade_id")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a solution cell needs a string metadata.nbgrader.grade_id (got {name!r}):\n"
+                         f"{cell.source[:200]}")
     return name
 
 
 def _exercise_name(cell: nbformat.NotebookNode) -> str:
     return f"Exercise {_grade_id(cell)}"
-
-
-def _nbgrader(cell: nbformat.NotebookNode) -> dict:
-    return cell.get("metadata", {}).get("nbgrader", {}) if cell.cell_type == "code" else {}
 
 
 def chapter_of(nb: nbformat.NotebookNode) -> str | None:
@@ -108,17 +118,20 @@ def grading_spec(solution: nbformat.NotebookNode, chapter: str) -> dict:
         meta = _nbgrader(cell)
         if meta.get("solution"):
             if exercises and "check" not in exercises[-1]:
-                break
+                raise ValueError(f"{chapter}: solution cell {exercises[-1]['id']!r} has no graded check cell "
+                                 f"after it (solution cell {_grade_id(cell)!r} comes first)")
             exercises.append({"id": _grade_id(cell)})
         elif meta.get("grade"):
-            where = f"{chapter}: graded cell {meta.get('grade_id')!r}"
+            check_id = meta.get("grade_id") or (f"{exercises[-1]['id']}_check" if exercises else None)
+            where = f"{chapter}: graded cell {check_id!r}"
             if not exercises or "check" in exercises[-1]:
                 raise ValueError(f"{where} does not follow a solution cell")
+            if not isinstance(check_id, str):
+                raise ValueError(f"{where} needs a string metadata.nbgrader.grade_id")
             points = meta.get("points")
             if isinstance(points, bool) or not isinstance(points, (int, float)) or points <= 0:
                 raise ValueError(f"{where} needs positive metadata.nbgrader.points, got {points!r}")
-            exercises[-1].update(check_id=meta.get("grade_id") or f"{exercises[-1]['id']}_check",
-                                 points=points, check=cell.source)
+            exercises[-1].update(check_id=check_id, points=points, check=cell.source)
     unchecked = [e["id"] for e in exercises if "check" not in e]
     if unchecked:
         raise ValueError(f"{chapter}: solution cell {unchecked[0]!r} has no graded check cell after it")
@@ -144,10 +157,28 @@ def make_exercise_notebook(solution: nbformat.NotebookNode) -> nbformat.Notebook
     return nb
 
 
+def _solution_notebooks() -> list[Path]:
+    """``solutions/*.ipynb``; ``ValueError`` when there are none.
+
+    Without this, an installed package (no ``solutions/``) or a run from the wrong working
+    copy would want no files and ``generate()`` would delete every exercise notebook and
+    every grading spec as stale.
+    """
+    rel = SOLUTIONS_DIR.relative_to(REPO_DIR) if SOLUTIONS_DIR.is_relative_to(REPO_DIR) else SOLUTIONS_DIR
+    fix = "nothing was written or deleted"
+    if not SOLUTIONS_DIR.is_dir():
+        raise ValueError(f"no solutions folder {rel}/: run `python -m deepseek_mini.exercises` in a clone of "
+                         f"the course (an installed package has no solutions); {fix}")
+    notebooks = sorted(SOLUTIONS_DIR.glob("*.ipynb"))
+    if not notebooks:
+        raise ValueError(f"{rel}/ holds no .ipynb notebooks: restore them from git; {fix}")
+    return notebooks
+
+
 def _wanted() -> dict[Path, str]:
     """Every generated file (exercise notebooks and grading specs) with its expected text."""
     wanted = {}
-    for path in sorted(SOLUTIONS_DIR.glob("*.ipynb")):
+    for path in _solution_notebooks():
         solution = nbformat.read(path, as_version=4)
         chapter = chapter_of(solution)
         if chapter != path.stem:
@@ -164,7 +195,11 @@ def _generated_files() -> list[Path]:
 
 
 def generate() -> list[Path]:
-    """Write exercises/ and deepseek_mini/grading/ from solutions/; return the files that changed."""
+    """Write exercises/ and deepseek_mini/grading/ from solutions/; return the files that changed.
+
+    Files no solution notebook generates any more are deleted. Every solution notebook is
+    read and checked before the first write or delete.
+    """
     wanted = _wanted()
     EXERCISES_DIR.mkdir(exist_ok=True)
     GRADING_DIR.mkdir(exist_ok=True)

@@ -20,7 +20,16 @@ a one-line ``ExportError`` naming the notebook and cell (cells count from 1):
 * a module without the generated header is hand-written (``model.py``, ``config.py``)
   and is never overwritten;
 * a notebook that is not valid JSON is reported by name, not with a traceback;
-* a generated module that no notebook exports any more is reported as stale.
+* a generated module that no notebook exports any more is reported as stale (and deleted
+  by the export); but a missing or empty ``notebooks/`` folder (an installed package, or
+  the wrong working copy) is an error before anything is written or deleted, never
+  "every module is stale";
+* ``#| export fp8`` is refused once ``deepseek_mini/fp8/`` is a folder: Python would import
+  the package and silently ignore ``fp8.py``.
+
+A module inside a sub-package is named with dots: ``#| export fp8.quant`` writes
+``deepseek_mini/fp8/quant.py``. The package itself, ``deepseek_mini/fp8/__init__.py``, is
+hand-written (its docstring and imports) and must exist first.
 
 We use a small exporter on ``nbformat`` rather than nbdev: nbdev sends a notebook to one
 ``default_exp`` module and brings its settings and dialect; one chapter here builds
@@ -196,33 +205,72 @@ def _render(module: _Module) -> str:
 
 
 def _module_path(name: str) -> Path:
+    """``rope`` -> ``deepseek_mini/rope.py``; ``fp8.quant`` -> ``deepseek_mini/fp8/quant.py``."""
     return PACKAGE_DIR.joinpath(*name.split(".")).with_suffix(".py")
 
 
-def _refuse_hand_written(modules: dict[str, _Module]) -> None:
-    """A module that exists without the generated header is hand-written: never replace it.
+def _check_targets(modules: dict[str, _Module]) -> None:
+    """Refuse an export that would destroy code or write a module Python never imports.
 
-    (An ``#| export model`` cell once replaced the hand-written ``model.py`` with a stub.)
+    * A module that exists without the generated header is hand-written: never replace it
+      (an ``#| export model`` cell once replaced the hand-written ``model.py`` with a stub).
+    * ``fp8.py`` beside a package folder ``fp8/`` is dead code: ``import deepseek_mini.fp8``
+      finds the package first.
+    * ``fp8.quant`` needs the package ``fp8/__init__.py`` (hand-written), or
+      ``deepseek_mini.fp8.quant`` is not importable from an installed package.
     """
     for name, module in modules.items():
-        path = _module_path(name)
+        path, where = _module_path(name), f"an '{EXPORT_MARKER} {name}' cell in {module.cells[0].where}"
         if path.is_file() and not path.read_text().startswith(GENERATED_TAG):
             raise ExportError(
-                f"{_relative(path)} is hand-written (no generated header); an '{EXPORT_MARKER} {name}' "
-                f"cell in {module.cells[0].where} would replace it: export to another module "
-                "(or, if the file was generated and lost its header, delete it and re-run)")
+                f"{_relative(path)} is hand-written (no generated header); {where} would replace it: "
+                "export to another module (or, if the file was generated and lost its header, delete it and re-run)")
+        if path.with_suffix("").is_dir():
+            raise ExportError(
+                f"{_relative(path.with_suffix(''))}/ is a folder (a package), so {where} would write "
+                f"{_relative(path)}, which Python never imports: export to a module inside it, "
+                f"e.g. '{EXPORT_MARKER} {name}.<module>'")
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            init = PACKAGE_DIR.joinpath(*parts[:depth], "__init__.py")
+            if not init.is_file():
+                raise ExportError(
+                    f"{where} needs the package {_relative(init.parent)}/: create "
+                    f"{_relative(init)} (by hand, with the package's docstring) and re-run")
+
+
+def _lecture_notebooks() -> list[Path]:
+    """``notebooks/*.ipynb``; ``ExportError`` when there are none.
+
+    Without this, an installed package (which has no ``notebooks/``) or a run from the wrong
+    working copy would see no export cells, take every generated module for stale, and
+    ``export()`` would delete them all.
+    """
+    rel = _relative(NOTEBOOK_DIR)
+    if not NOTEBOOK_DIR.is_dir():
+        raise ExportError(f"no notebooks folder {rel}/: run `{FIX_COMMAND}` in a clone of the course "
+                          "(an installed package has no notebooks); nothing was written or deleted")
+    notebooks = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    if not notebooks:
+        raise ExportError(f"{rel}/ holds no .ipynb notebooks: restore them from git before "
+                          f"running `{FIX_COMMAND}`; nothing was written or deleted")
+    return notebooks
+
+
+def _render_all(modules: dict[str, _Module]) -> dict[Path, str]:
+    _check_targets(modules)
+    return {_module_path(name): _render(mod) for name, mod in modules.items()}
 
 
 def render_modules(notebooks: list[Path] | None = None) -> dict[Path, str]:
     """Map each generated module path to the text the notebooks say it should have.
 
+    ``notebooks`` defaults to ``notebooks/*.ipynb`` (an ``ExportError`` if there are none).
     Writes nothing; raises ``ExportError`` when a notebook breaks a rule, including an export
-    aimed at a hand-written module.
+    aimed at a hand-written module or at a package folder.
     """
-    notebooks = sorted(NOTEBOOK_DIR.glob("*.ipynb")) if notebooks is None else notebooks
-    modules = _collect(notebooks)
-    _refuse_hand_written(modules)
-    return {_module_path(name): _render(mod) for name, mod in modules.items()}
+    notebooks = _lecture_notebooks() if notebooks is None else notebooks
+    return _render_all(_collect(notebooks))
 
 
 def _generated_files() -> list[Path]:
@@ -230,18 +278,24 @@ def _generated_files() -> list[Path]:
 
 
 def export() -> list[Path]:
-    """Write every generated module; return the paths that changed."""
+    """Write every generated module; return the paths that changed.
+
+    A generated module that no notebook exports any more is deleted. Every check (the
+    notebooks exist, each follows the rules) runs before the first write or delete.
+    """
     rendered = render_modules()
+    stale = [path for path in _generated_files() if path not in rendered]
+    if stale and not rendered:
+        raise ExportError(f"no notebook in {_relative(NOTEBOOK_DIR)}/ has an '{EXPORT_MARKER} <module>' cell; "
+                          f"refusing to delete every generated module ({len(stale)})")
     changed = []
     for path, text in rendered.items():
         if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             changed.append(path)
-    for path in _generated_files():
-        if path not in rendered:
-            path.unlink()
-            changed.append(path)
+    for path in stale:
+        path.unlink()
+        changed.append(path)
     return changed
 
 
@@ -250,13 +304,23 @@ def check(notebook: str | None = None, verbose: bool = True) -> list[str]:
 
     ``notebook`` (a file name such as ``"01_baseline_transformer.ipynb"``) limits the check
     to the modules that notebook exports; the lecture notebooks call this in their
-    "exported code" section.
+    "exported code" section. A name that matches no notebook, or a notebook that exports
+    nothing, is an ``ExportError`` (an empty check would pass whatever the package holds).
     """
-    rendered = render_modules()
+    notebooks = _lecture_notebooks()
+    modules = _collect(notebooks)
+    rendered = _render_all(modules)
     if notebook is not None:
-        wanted = {name for name, mod in _collect(sorted(NOTEBOOK_DIR.glob("*.ipynb"))).items()
-                  if any(Path(c.notebook).name == Path(notebook).name for c in mod.cells)}
-        rendered = {p: t for p, t in rendered.items() if p in {_module_path(n) for n in wanted}}
+        name = Path(notebook).name
+        if name not in {p.name for p in notebooks}:
+            close = difflib.get_close_matches(name, [p.name for p in notebooks], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ExportError(f"no notebook {name!r} in {_relative(NOTEBOOK_DIR)}/{hint}")
+        wanted = {_module_path(module) for module, mod in modules.items()
+                  if any(Path(c.notebook).name == name for c in mod.cells)}
+        if not wanted:
+            raise ExportError(f"{name} has no '{EXPORT_MARKER} <module>' cell: it exports nothing to check")
+        rendered = {p: t for p, t in rendered.items() if p in wanted}
     problems = []
     for path, text in rendered.items():
         rel = path.relative_to(REPO_DIR)

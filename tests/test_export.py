@@ -295,3 +295,99 @@ def test_comments_that_merely_mention_export_are_not_markers(tmp_path):
     ])
     (text,) = render_modules([nb]).values()
     assert "weights" not in text
+
+
+# ------------------------------------------------------------------ never delete what it cannot rebuild
+def _copy_generated_modules(sandbox: Path) -> dict[Path, str]:
+    """The real generated modules, copied into the sandbox package: what a bad run would delete."""
+    copies = {}
+    for path in GENERATED:
+        target = sandbox / "pkg" / path.relative_to(Path(exporter.__file__).parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+        copies[target] = path.read_text()
+    return copies
+
+
+@pytest.mark.parametrize("notebooks", ["missing", "empty"])
+def test_a_missing_or_empty_notebooks_folder_is_an_error_not_a_mass_delete(sandbox, capsys, notebooks):
+    # An installed package has no notebooks/: every generated module used to look stale and
+    # `python -m deepseek_mini.export` deleted layers, rope, attention, generate, mla and moe.
+    copies = _copy_generated_modules(sandbox)
+    if notebooks == "missing":
+        (sandbox / "notebooks").rmdir()
+    else:
+        (sandbox / "notebooks" / "notes.txt").write_text("not a notebook")
+    reason = "no notebooks folder notebooks/" if notebooks == "missing" else "notebooks/ holds no .ipynb notebooks"
+    for args in ([], ["--check"]):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"export failed: {reason}") and "nothing was written or deleted" in err
+    with pytest.raises(ExportError, match=reason):
+        check("01_baseline_transformer.ipynb", verbose=False)
+    assert {p: p.read_text() for p in copies} == copies
+
+
+def test_notebooks_without_any_export_cell_do_not_delete_every_module(sandbox, capsys):
+    copies = _copy_generated_modules(sandbox)
+    write_notebook(sandbox / "notebooks" / "scratch.ipynb", [("code", "x = 1")])
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "refusing to delete every generated module" in err
+    assert {p: p.read_text() for p in copies} == copies
+
+
+@pytest.mark.parametrize("name", ["01_baseline_transformr.ipynb", "99_missing.ipynb"])
+def test_check_of_a_notebook_that_does_not_exist_raises(sandbox, name):
+    write_notebook(sandbox / "notebooks" / "01_baseline_transformer.ipynb",
+                   [("code", f"{EXPORT_MARKER} synth\n{DOC}")])
+    assert exporter.export() and check(verbose=False) == []
+    hint = " (did you mean '01_baseline_transformer.ipynb'?)" if name.startswith("01") else ""
+    with pytest.raises(ExportError) as info:
+        check(name, verbose=False)
+    assert str(info.value) == f"no notebook {name!r} in notebooks/{hint}"
+
+
+def test_check_of_a_notebook_that_exports_nothing_raises(sandbox, capsys):
+    write_notebook(sandbox / "notebooks" / "a.ipynb", [("code", f"{EXPORT_MARKER} synth\n{DOC}")])
+    write_notebook(sandbox / "notebooks" / "b.ipynb", [("code", "x = 1")])
+    exporter.export()
+    assert check("a.ipynb") == [] and "In sync with the notebooks: pkg/synth.py" in capsys.readouterr().out
+    with pytest.raises(ExportError, match=r"^b\.ipynb has no '#\| export <module>' cell: it exports nothing"):
+        check("b.ipynb")
+
+
+# ------------------------------------------------------------------ modules inside a package folder
+def test_an_export_beside_a_package_folder_of_the_same_name_is_refused(sandbox, capsys):
+    # deepseek_mini/fp8/ is a package: `import deepseek_mini.fp8` would never see fp8.py.
+    (sandbox / "pkg" / "fp8").mkdir()
+    (sandbox / "pkg" / "fp8" / "__init__.py").write_text('"""FP8 training."""\n')
+    write_notebook(sandbox / "notebooks" / "05_fp8.ipynb", [("md", "## 2. Quantise"),
+                                                            ("code", f"{EXPORT_MARKER} fp8\n{DOC}")])
+    code, out, err = run_cli(capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert ("pkg/fp8/ is a folder (a package), so an '#| export fp8' cell in notebooks/05_fp8.ipynb cell 2 "
+            "(2. Quantise) would write pkg/fp8.py, which Python never imports") in err
+    assert "'#| export fp8.<module>'" in err
+    assert not (sandbox / "pkg" / "fp8.py").exists()
+
+
+def test_a_dotted_export_writes_a_module_inside_the_package(sandbox, capsys):
+    notebook = sandbox / "notebooks" / "05_fp8.ipynb"
+    write_notebook(notebook, [("code", f"{EXPORT_MARKER} fp8.quant\n{DOC}\nE4M3_MAX = 448.0")])
+    code, _, err = run_cli(capsys)                       # the package must exist first
+    assert code == 2 and "needs the package pkg/fp8/: create pkg/fp8/__init__.py" in err
+    assert not (sandbox / "pkg" / "fp8").exists()
+
+    (sandbox / "pkg" / "fp8").mkdir()
+    init = sandbox / "pkg" / "fp8" / "__init__.py"
+    init.write_text('"""FP8 training (hand-written package)."""\n')
+    code, out, _ = run_cli(capsys)
+    assert code == 0 and out == "wrote pkg/fp8/quant.py\n"
+    assert module_all((sandbox / "pkg" / "fp8" / "quant.py").read_text()) == ["E4M3_MAX"]
+    assert check("05_fp8.ipynb", verbose=False) == [] and check(verbose=False) == []
+
+    # A nested module no notebook exports any more is stale like any other; the package stays.
+    write_notebook(notebook, [("code", f"{EXPORT_MARKER} fp8.scale\n{DOC}\nBLOCK = 128")])
+    assert "pkg/fp8/quant.py is generated but no notebook exports it" in check(verbose=False)[-1]
+    assert run_cli(capsys)[0] == 0
+    assert sorted(p.name for p in (sandbox / "pkg" / "fp8").iterdir()) == ["__init__.py", "scale.py"]

@@ -86,7 +86,45 @@ def test_generation_writes_the_spec_and_carries_the_chapter_id(tmp_path, monkeyp
     ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f_check")], "positive metadata.nbgrader.points"),
     ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f_check", points=0)], "positive"),
     ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id="f", points=1)], "grade_ids must be unique"),
+    ([_code("def f(): pass", solution=True, grade_id=["f"])], r"string metadata\.nbgrader\.grade_id \(got \['f'\]\)"),
+    ([SOLUTION, _code("checks.check_f(f)", grade=True, grade_id={"id": 1}, points=1)],
+     r"graded cell \{'id': 1\} needs a string metadata\.nbgrader\.grade_id"),
 ])
 def test_grading_spec_rejects_malformed_solution_notebooks(cells, message):
     with pytest.raises(ValueError, match=message):
         grading_spec(_notebook(*cells), "07_yarn")
+
+
+def test_a_solution_cell_followed_by_another_solution_names_both():
+    second = _code("def g():\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION", solution=True, grade_id="g")
+    check = _code("checks.check_g(g)", grade=True, grade_id="g_check", points=1)
+    with pytest.raises(ValueError) as info:
+        grading_spec(_notebook(SOLUTION, second, check), "07_yarn")
+    assert str(info.value) == ("07_yarn: solution cell 'f' has no graded check cell after it "
+                               "(solution cell 'g' comes first)")
+
+
+@pytest.mark.parametrize("solutions", ["missing", "empty"])
+def test_generation_without_solution_notebooks_is_an_error_not_a_mass_delete(tmp_path, monkeypatch, capsys, solutions):
+    # An installed package, or a run from the wrong folder, has no solutions/: every exercise
+    # notebook and every grading spec used to look stale, and generate() deleted them all.
+    monkeypatch.setattr(exercises, "REPO_DIR", tmp_path)
+    for name, real in (("EXERCISES_DIR", EXERCISES_DIR), ("GRADING_DIR", exercises.GRADING_DIR)):
+        copy = tmp_path / real.name
+        copy.mkdir()
+        for path in real.iterdir():
+            (copy / path.name).write_bytes(path.read_bytes())
+        monkeypatch.setattr(exercises, name, copy)
+    monkeypatch.setattr(exercises, "SOLUTIONS_DIR", tmp_path / "solutions")
+    if solutions == "empty":
+        (tmp_path / "solutions").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(before) >= 6
+    reason = "no solutions folder solutions/" if solutions == "missing" else "solutions/ holds no .ipynb notebooks"
+    for call in (exercises.generate, exercises.check):
+        with pytest.raises(ValueError, match=reason):
+            call()
+    assert exercises.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {reason}") and err.count("\n") == 1 and "nothing was written or deleted" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
