@@ -13,9 +13,12 @@ check cell with ``pass``, deletes a check cell or pastes an exercise twice chang
 * the learner's check cells are never run; for each exercise the spec's check source runs
   instead, right after the learner's solution cell (matched by nbgrader ``grade_id``);
 * before each check, every ``deepseek_mini`` module is dropped from ``sys.modules`` and
-  ``deepseek_mini.checks`` is imported afresh (and must be the grader's own file), so a
-  solution cell that monkeypatches ``checks.check_*`` or the reference it compares with,
-  or writes a fake ``deepseek_mini`` package next to the notebook, cannot fake a pass;
+  ``deepseek_mini.checks`` is imported afresh, with the notebook's folder and the kernel's
+  working directory taken off ``sys.path`` for the import (and the module must be the
+  grader's own file), so a solution cell that monkeypatches ``checks.check_*`` or the
+  reference it compares with, or writes a fake ``deepseek_mini`` package next to the
+  notebook, cannot fake a pass; and a notebook in a clone's root is graded with the
+  grader's copy, not the clone's;
 * points come from the spec; an exercise whose solution cell is gone scores 0 ("missing");
   when a solution cell appears twice, the last copy is graded, once.
 
@@ -36,7 +39,11 @@ The grader never crashes on a broken notebook: a cell that raises, a syntax erro
 wrong answer costs only its exercise. A cell that runs past ``--timeout`` seconds is
 interrupted and reported as a timeout; if the kernel does not come back, or dies
 (``os._exit``, a segfault), a fresh kernel is started, the set-up cells and the solutions
-that ran are replayed, and grading goes on.
+that ran are replayed, and grading goes on. Hand-edited metadata cannot crash it either: a
+``grade_id`` that is not a string matches no exercise (its cell counts as one without an
+id), and a cell without a type, a source or a metadata object makes the notebook
+ungradable (exit 2). Should the grader itself fail, the command says so and exits 2, never
+1 (which would read as "graded, points lost").
 
 This is not a security boundary: graded code runs unsandboxed with the grader's rights,
 as with nbgrader, and a determined learner can patch deeper (``torch.allclose``, the
@@ -63,7 +70,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-from deepseek_mini.exercises import CHAPTER_KEY, chapter_of
+from deepseek_mini.exercises import CHAPTER_KEY, _nbgrader, chapter_of
 
 __all__ = ["ExerciseResult", "GradeReport", "grade_notebook", "known_chapters", "load_spec", "main"]
 
@@ -75,18 +82,29 @@ _CHAPTER_NUMBER = re.compile(r"^(\d{2})_")
 NOT_RUN = "not run (set-up failed)"
 
 # Run in the learner's kernel before every check: a fresh deepseek_mini (checks and the
-# references they import), bound to the name the spec's check sources use, and refused when
-# it is not the grader's own file (a `deepseek_mini/` folder written next to the notebook).
+# references they import), bound to the name the spec's check sources use. The import skips
+# the notebook's folder and the kernel's working directory ('' on sys.path), unless the
+# grader's own package lives there: a `deepseek_mini/` beside the notebook (a clone's root
+# when the grader is installed elsewhere, or a fake package a solution cell wrote) is never
+# imported. A copy found anywhere else is refused as not the grader's own file.
 _FRESH_CHECKS = """\
-def _deepseek_mini_fresh_checks(expected):
+def _deepseek_mini_fresh_checks(expected, notebook_dir):
     import importlib, os, sys
-    for name in [n for n in sys.modules if n.split(".")[0] == "deepseek_mini"]:
-        del sys.modules[name]
-    module = importlib.import_module("deepseek_mini.checks")
+    own_root = os.path.dirname(os.path.dirname(expected))
+    shadowing = {{os.path.realpath(notebook_dir), os.path.realpath(os.getcwd())}} - {{own_root}}
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if not (isinstance(p, str) and os.path.realpath(p or ".") in shadowing)]
+    try:
+        for name in [n for n in sys.modules if n.split(".")[0] == "deepseek_mini"]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        module = importlib.import_module("deepseek_mini.checks")
+    finally:
+        sys.path[:] = saved
     if os.path.realpath(module.__file__) != expected:
         raise ImportError(f"deepseek_mini.checks came from {{module.__file__}}, not the grader's copy {{expected}}")
     return module
-checks = _deepseek_mini_fresh_checks({expected!r})
+checks = _deepseek_mini_fresh_checks({expected!r}, {notebook_dir!r})
 del _deepseek_mini_fresh_checks
 """
 
@@ -137,9 +155,14 @@ def _one_line(message: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _nbgrader(cell) -> dict:
-    meta = cell.get("metadata", {}).get("nbgrader", {}) if cell.cell_type == "code" else {}
-    return meta if isinstance(meta, dict) else {}
+def _learner_grade_id(cell) -> str | None:
+    """The ``grade_id`` of a learner's cell; None when absent or not a string.
+
+    A hand-edited id (a list, a dict) matches no exercise: its cell is treated as a cell
+    without one (a set-up cell, or, if marked ``grade``, a check cell that never runs).
+    """
+    grade_id = _nbgrader(cell).get("grade_id")
+    return grade_id if isinstance(grade_id, str) else None
 
 
 # ------------------------------------------------------------------ the course's grading specs
@@ -191,7 +214,7 @@ def _identify(nb, path: Path, expected: str | None) -> dict:
         raise ValueError(f"{refused}, but the file name says chapter {named.group(1)}: rename the file or grade "
                          f"the notebook of chapter {named.group(1)}")
     spec = load_spec(claimed)
-    learner_ids = {_nbgrader(c).get("grade_id") for c in nb.cells} - _grade_ids(spec) - {None}
+    learner_ids = {_learner_grade_id(c) for c in nb.cells} - _grade_ids(spec) - {None}
     for other in chapters:
         foreign = learner_ids & _grade_ids(load_spec(other)) if other != claimed else set()
         if foreign:
@@ -207,7 +230,7 @@ class _Runner:
     """Runs cells one at a time in a kernel, surviving timeouts and kernel death."""
 
     def __init__(self, nb, cwd: Path, timeout: int) -> None:
-        self.nb = nb
+        self.nb, self.cwd = nb, cwd
         self.client = NotebookClient(
             nb, timeout=timeout, kernel_name="python3", allow_errors=False, interrupt_on_timeout=True,
             error_on_timeout={"ename": _TIMEOUT_ENAME,
@@ -278,7 +301,7 @@ class _Runner:
 
     def check(self, source: str) -> tuple[str, str]:
         """Run a check from the spec against a freshly imported ``deepseek_mini.checks``."""
-        kind, message = self.run_source(_FRESH_CHECKS.format(expected=_checks_file()))
+        kind, message = self.run_source(_FRESH_CHECKS.format(expected=_checks_file(), notebook_dir=str(self.cwd)))
         if kind != "ok":
             return kind, f"the grader could not import a fresh deepseek_mini.checks: {message}"
         return self.run_source(source)
@@ -328,6 +351,7 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S, chapter: 
         nb = nbformat.read(path, as_version=4)
     except Exception as exc:
         raise ValueError(f"notebook {str(path)!r} could not be read as a Jupyter notebook: {exc}") from None
+    _check_cells(nb, path)
     if chapter is not None and chapter not in known_chapters():
         raise ValueError(f"unknown chapter {chapter!r}; this deepseek_mini grades {', '.join(known_chapters())}")
     spec = _identify(nb, path, chapter)
@@ -338,13 +362,13 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S, chapter: 
     copies: dict[str, list[int]] = {e["id"]: [] for e in exercises}
     skipped, first_exercise_cell = set(), len(nb.cells)
     for index, cell in enumerate(nb.cells):
-        meta = _nbgrader(cell)
-        if meta.get("solution") or meta.get("grade") or meta.get("grade_id") in check_ids:
+        meta, grade_id = _nbgrader(cell), _learner_grade_id(cell)
+        if meta.get("solution") or meta.get("grade") or grade_id in check_ids:
             first_exercise_cell = min(first_exercise_cell, index)
-        if meta.get("grade") or meta.get("grade_id") in check_ids:
+        if meta.get("grade") or grade_id in check_ids:
             skipped.add(index)
-        elif meta.get("solution") and meta.get("grade_id") in copies:
-            copies[meta["grade_id"]].append(index)
+        elif meta.get("solution") and grade_id in copies:
+            copies[grade_id].append(index)
     exercise_of = {index: e for e in exercises for index in copies[e["id"]]}
 
     outcome: dict[str, tuple[str, str]] = {}
@@ -353,7 +377,7 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S, chapter: 
     if any(copies.values()):              # nothing to run when every exercise is missing
         with _Runner(nb, path.resolve().parent, timeout) as runner:
             for index, cell in enumerate(nb.cells):
-                if cell.cell_type != "code" or not cell.source.strip() or index in skipped:
+                if cell.get("cell_type") != "code" or not cell.source.strip() or index in skipped:
                     continue
                 exercise = exercise_of.get(index)
                 kind, message = runner.run(index)
@@ -396,6 +420,18 @@ def grade_notebook(path: str | Path, timeout: int = DEFAULT_TIMEOUT_S, chapter: 
     return GradeReport(str(path), spec["chapter"], results, setup_errors)
 
 
+def _check_cells(nb, path: Path) -> None:
+    """``ValueError`` for a notebook whose cells are not cells (nbformat reads some such files)."""
+    cells = nb.get("cells")
+    if not isinstance(cells, list):
+        raise ValueError(f"notebook {str(path)!r} has no list of cells: not a Jupyter notebook")
+    for number, cell in enumerate(cells, start=1):
+        if not (isinstance(cell, dict) and isinstance(cell.get("cell_type"), str)
+                and isinstance(cell.get("source"), str) and isinstance(cell.get("metadata", {}), dict)):
+            raise ValueError(f"notebook {str(path)!r}: cell {number} is malformed (it needs a cell_type, a source "
+                             "and a metadata object); open and save the notebook in Jupyter to repair it")
+
+
 def _json_path_problem(target: str) -> str | None:
     """Why ``--json target`` could not be written, checked before any grading starts."""
     path = Path(target)
@@ -434,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         report = grade_notebook(args.notebook, timeout=args.timeout, chapter=args.chapter)
     except ValueError as exc:
         print(f"cannot grade: {exc}", file=sys.stderr)
+        return EXIT_NOT_GRADED
+    except Exception as exc:  # a grader bug must read as "not graded", never as "points lost" (exit 1)
+        print(f"cannot grade: the grader failed ({type(exc).__name__}: {_one_line(str(exc), 200)}); "
+              "this is a bug in deepseek_mini.grade, please report it", file=sys.stderr)
         return EXIT_NOT_GRADED
     print(report.table())
     if args.json:

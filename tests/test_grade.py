@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -188,17 +189,88 @@ def test_a_failing_set_up_cell_is_reported_once_and_a_deleted_exercise_is_missin
     assert main([str(tmp_path / "learner.ipynb")]) == EXIT_POINTS_LOST  # graded, not "cannot grade"
 
 
+def _write_fake_package(folder: str) -> str:
+    """Source of a solution-cell tail that writes a deepseek_mini whose checks pass anything."""
+    return ("\n\nimport pathlib\n"
+            f"fake = pathlib.Path({folder!r}) / 'deepseek_mini'\n"
+            "fake.mkdir(parents=True)\n"
+            "(fake / '__init__.py').write_text('')\n"
+            "(fake / 'checks.py').write_text('def __getattr__(name):\\n    return lambda fn: None\\n')\n")
+
+
 def test_a_fake_checks_package_written_by_a_solution_cell_earns_nothing(tmp_path):
     nb = nbformat.read(REPO / "exercises" / "03_moe.ipynb", as_version=4)
-    _cell(nb, "group_limited_topk").source += (
-        "\n\nimport pathlib\n"
-        "fake = pathlib.Path('deepseek_mini')\n"
-        "fake.mkdir()\n"
-        "(fake / '__init__.py').write_text('')\n"
-        "(fake / 'checks.py').write_text('def __getattr__(name):\\n    return lambda fn: None\\n')\n")
+    # Next to the notebook: the fresh import does not look there, the real checks run.
+    _cell(nb, "group_limited_topk").source += _write_fake_package(".")
+    # Elsewhere, put first on sys.path: imported, and refused as not the grader's own file.
+    _cell(nb, "routing_weights").source += _write_fake_package("elsewhere") + "import sys\nsys.path.insert(0, 'elsewhere')\n"
     report = grade_notebook(_save(nb, tmp_path / "03_moe.ipynb"), timeout=60)
     assert (report.total, report.max_total) == (0, 8), report.table()
-    assert all(e.status == "error" and "not the grader's copy" in e.message for e in report.exercises)
+    by_name = {e.exercise: e for e in report.exercises}
+    assert by_name.pop("group_limited_topk").status == "not attempted", report.table()
+    assert all(e.status == "error" and "not the grader's copy" in e.message for e in by_name.values()), report.table()
+
+
+def test_a_notebook_in_a_clones_root_is_graded_with_the_graders_checks(tmp_path):
+    # The grader installed in one place, the learner's notebook in the root of another clone:
+    # the clone's deepseek_mini/ beside the notebook must not stand in for the grader's.
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "deepseek_mini", clone / "deepseek_mini", ignore=shutil.ignore_patterns("__pycache__"))
+    notebook = clone / "02_mla.ipynb"
+    shutil.copy(REPO / "solutions" / "02_mla.ipynb", notebook)
+    report = grade_notebook(notebook, timeout=60)
+    assert report.total == report.max_total == 8, report.table()
+
+
+def _all_grade_ids_bogus(tmp_path: Path) -> Path:
+    """Chapter 01 with every grade_id hand-edited into a list or a dict (unhashable)."""
+    nb = nbformat.read(REPO / "exercises" / "01_baseline_transformer.ipynb", as_version=4)
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if "grade_id" in meta:
+            meta["grade_id"] = [meta["grade_id"]] if meta.get("solution") else {"id": meta["grade_id"]}
+    return _save(nb, tmp_path / "01_baseline_transformer.ipynb")
+
+
+def test_a_grade_id_that_is_not_a_string_matches_no_exercise(tmp_path, capsys, monkeypatch):
+    # Used to escape as "TypeError: unhashable type: 'list'" (exit 1, as if graded).
+    _refuse_to_run(monkeypatch)            # no solution cell matches: nothing to run
+    path = _all_grade_ids_bogus(tmp_path)
+    report = grade_notebook(path, timeout=TIMEOUT)
+    assert (report.total, report.max_total) == (0, 10)
+    assert {e.status for e in report.exercises} == {"missing"}
+    assert main([str(path)]) == EXIT_POINTS_LOST
+    assert "missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda cells: cells[1].pop("cell_type"), "cell 2 is malformed"),
+    (lambda cells: cells[1].__setitem__("source", 5), "cell 2 is malformed"),
+], ids=["no_cell_type", "source_not_text"])
+def test_a_malformed_cell_makes_the_notebook_ungradable(tmp_path, capsys, monkeypatch, breakage, message):
+    _refuse_to_run(monkeypatch)
+    data = json.loads((REPO / "exercises" / "01_baseline_transformer.ipynb").read_text())
+    breakage(data["cells"])
+    path = tmp_path / "01_baseline_transformer.ipynb"
+    path.write_text(json.dumps(data))
+    assert main([str(path)]) == EXIT_NOT_GRADED
+    err = capsys.readouterr().err
+    assert err.startswith("cannot grade:") and message in err and err.count("\n") == 1, err
+
+
+def test_a_failure_inside_the_grader_exits_2_not_1(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise TypeError("unhashable type: 'list'")
+    monkeypatch.setattr(grade, "grade_notebook", broken)
+    assert main([str(REPO / "exercises" / "02_mla.ipynb")]) == EXIT_NOT_GRADED
+    err = capsys.readouterr().err
+    assert err == ("cannot grade: the grader failed (TypeError: unhashable type: 'list'); "
+                   "this is a bug in deepseek_mini.grade, please report it\n")
+
+
+def test_the_grader_and_the_generator_read_nbgrader_metadata_alike():
+    from deepseek_mini import exercises
+    assert grade._nbgrader is exercises._nbgrader
 
 
 def _refuse_to_run(monkeypatch):
