@@ -265,12 +265,16 @@ class ModelConfig:
         if kind != "yarn":
             raise ValueError(f"rope_scaling type ({kind!r}) must be 'yarn' (DeepSeek-V3 §4.3)")
         factor = rs.get("factor")
-        if not isinstance(factor, (int, float)) or not factor >= 1:
+        if not _is_number(factor) or not factor >= 1:
             raise ValueError(f"rope_scaling['factor'] ({factor!r}) must be a number >= 1 (DeepSeek-V3: 40)")
         orig = rs.get("original_max_position_embeddings")
-        if not isinstance(orig, int) or orig <= 0:
+        if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
             raise ValueError(f"rope_scaling['original_max_position_embeddings'] ({orig!r}) "
                              "must be a positive integer (DeepSeek-V3: 4096)")
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = rs.get(key, 1)
+            if not _is_number(value):
+                raise ValueError(f"rope_scaling[{key!r}] ({value!r}) must be a number")
         beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
         if not beta_fast > beta_slow > 0:
             raise ValueError(f"rope_scaling needs beta_fast ({beta_fast}) > beta_slow ({beta_slow}) > 0")
@@ -300,7 +304,7 @@ class ModelConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         if "dim" in data and "n_layers" in data:
             _check_required_official(data, source)
-            data = _from_official(data)
+            data = _from_official(data, source)
         data = _from_hf(data, source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_HF_KEYS)
@@ -337,6 +341,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float; ``true``/``false`` are not numbers (JSON has no other number type)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _require_positive_int(cfg: ModelConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -364,12 +373,13 @@ def _field_types() -> dict[str, tuple[tuple[type, ...], str]]:
     return out
 
 
-def _type_error(name: str, value: Any) -> str | None:
+def _type_error(name: str, value: Any, shown: str | None = None) -> str | None:
     """Why ``value`` has the wrong type for field ``name`` (None if it is fine).
 
     JSON has one number type, so an int is accepted where a float is expected; the reverse is
     refused, integral or not (``"num_hidden_layers": 2.0`` is a bug in whatever wrote it, and
-    a count must not be silently rounded). ``true``/``false`` are never numbers.
+    a count must not be silently rounded). ``true``/``false`` are never numbers. ``shown`` is
+    the name the message uses (an official-format key such as ``n_layers``).
     """
     accepted, words = _field_types()[name]
     if isinstance(value, bool):
@@ -381,7 +391,7 @@ def _type_error(name: str, value: Any) -> str | None:
     if ok:
         return None
     got = "null" if value is None else f"{type(value).__name__} {value!r}"
-    return f"{name} must be {words}, got {got}"
+    return f"{shown or name} must be {words}, got {got}"
 
 
 def _check_field_types(values: dict[str, Any], source: str | None = None) -> None:
@@ -519,13 +529,34 @@ _OFFICIAL_TO_HF = {
 _OFFICIAL_ROPE_DEFAULTS = {"original_seq_len": 4096, "rope_factor": 40, "beta_fast": 32,
                            "beta_slow": 1, "mscale": 1.0}
 _OFFICIAL_IGNORED = {"dtype", "max_batch_size", "max_seq_len", "scale_fmt"} | set(_OFFICIAL_ROPE_DEFAULTS)
+# The types of the official numbers that have no HF field of their own (ModelArgs annotations;
+# int where ModelArgs says float is fine, as everywhere in JSON).
+_OFFICIAL_NUMBER_TYPES = {"original_seq_len": int, "max_seq_len": int, "rope_factor": float,
+                          "beta_fast": float, "beta_slow": float, "mscale": float}
 
 
-def _from_official(data: dict[str, Any]) -> dict[str, Any]:
+def _check_official_types(data: dict[str, Any], source: str) -> None:
+    """``ValueError`` naming the official key for a value of the wrong type, before any use of it."""
+    for key, value in data.items():
+        if key in _OFFICIAL_TO_HF:
+            error = _type_error(_OFFICIAL_TO_HF[key], value, shown=key)
+        elif key in _OFFICIAL_NUMBER_TYPES:
+            wanted = _OFFICIAL_NUMBER_TYPES[key]
+            ok = _is_number(value) and (wanted is float or isinstance(value, int))
+            got = "null" if value is None else f"{type(value).__name__} {value!r}"
+            error = None if ok else f"{key} must be {_TYPE_WORDS[wanted]}, got {got}"
+        else:
+            continue
+        if error:
+            raise ValueError(f"{source}: {error}")
+
+
+def _from_official(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Map the official ``ModelArgs`` JSON to HF field names (DeepSeek-V3 inference/model.py)."""
     unknown = sorted(k for k in data if k not in _OFFICIAL_TO_HF and k not in _OFFICIAL_IGNORED)
     if unknown:
-        raise ValueError(f"unknown field(s) in official-format config: {unknown}")
+        raise ValueError(f"{source}: unknown field(s) in official-format config: {unknown}")
+    _check_official_types(data, source)
     out = {_OFFICIAL_TO_HF[k]: v for k, v in data.items() if k in _OFFICIAL_TO_HF}
     rope = {k: data.get(k, v) for k, v in _OFFICIAL_ROPE_DEFAULTS.items()}
     # q_lora_rank 0 means "no query compression" in the official code.

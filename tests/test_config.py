@@ -229,6 +229,18 @@ INVALID = {
                                       _esc("original_max_position_embeddings", "None")),
     "rope_scaling_beta_fast_below_slow": (dict(rope_scaling=dict(YARN, beta_fast=1, beta_slow=32)),
                                           _esc("beta_fast", "1", "beta_slow", "32")),
+    # Wrong types inside rope_scaling: '"32" > 1' used to escape as a TypeError.
+    "rope_scaling_beta_fast_string": (dict(rope_scaling=dict(YARN, beta_fast="32")),
+                                      _esc("rope_scaling['beta_fast'] ('32') must be a number")),
+    "rope_scaling_beta_slow_null": (dict(rope_scaling=dict(YARN, beta_slow=None)),
+                                    _esc("rope_scaling['beta_slow'] (None) must be a number")),
+    "rope_scaling_mscale_string": (dict(rope_scaling=dict(YARN, mscale="1.0")),
+                                   _esc("rope_scaling['mscale'] ('1.0') must be a number")),
+    "rope_scaling_mscale_all_dim_list": (dict(rope_scaling=dict(YARN, mscale_all_dim=[1])),
+                                         _esc("rope_scaling['mscale_all_dim'] ([1]) must be a number")),
+    "rope_scaling_factor_bool": (dict(rope_scaling=dict(YARN, factor=True)), _esc("factor", "True", "number >= 1")),
+    "rope_scaling_original_bool": (dict(rope_scaling=dict(YARN, original_max_position_embeddings=True)),
+                                   _esc("original_max_position_embeddings", "True", "positive integer")),
     "negative_mtp_depth": (dict(num_nextn_predict_layers=-1), _esc("num_nextn_predict_layers", "-1")),
     "bad_topk_method_without_moe": (dict(topk_method="top2"), _esc("topk_method", "'top2'")),
     "bad_scoring_func_without_moe": (dict(scoring_func="relu"), _esc("scoring_func", "'relu'")),
@@ -461,3 +473,26 @@ def test_ints_in_float_fields_load_as_floats(tmp_path):
     assert (c.rope_theta, c.routed_scaling_factor, c.rms_norm_eps) == (10000.0, 2.0, 1.0)
     assert all(isinstance(v, float) for v in (c.rope_theta, c.routed_scaling_factor, c.rms_norm_eps))
     assert load_config("toy", rope_theta=500).rope_theta == 500     # the constructor accepts ints too
+
+
+OFFICIAL_WRONG_TYPES = {
+    # '"40" > 1' used to escape as a TypeError before the fields were checked.
+    "rope_factor_string": ("rope_factor", "40", "rope_factor must be a number, got str '40'"),
+    "rope_factor_bool": ("rope_factor", True, "rope_factor must be a number, got bool True"),
+    "beta_fast_string": ("beta_fast", "32", "beta_fast must be a number, got str '32'"),
+    "mscale_null": ("mscale", None, "mscale must be a number, got null"),
+    "original_seq_len_float": ("original_seq_len", 4096.0, "original_seq_len must be an int, got float 4096.0"),
+    "max_seq_len_string": ("max_seq_len", "16384", "max_seq_len must be an int, got str '16384'"),
+    # Mapped fields are named as the file names them, not by their HF name.
+    "n_layers_string": ("n_layers", "61", "n_layers must be an int, got str '61'"),
+    "route_scale_bool": ("route_scale", True, "route_scale must be a number, got bool True"),
+    "q_lora_rank_string": ("q_lora_rank", "0", "q_lora_rank must be an int or null, got str '0'"),
+}
+
+
+@pytest.mark.parametrize("name,value,message", list(OFFICIAL_WRONG_TYPES.values()), ids=list(OFFICIAL_WRONG_TYPES))
+def test_wrong_type_in_an_official_config_is_a_value_error_naming_its_key(tmp_path, name, value, message):
+    path = _write(tmp_path, OFFICIAL_671B | {name: value})
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    assert str(info.value) == f"config file {str(path)!r}: {message}"
