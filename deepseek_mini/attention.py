@@ -7,6 +7,11 @@ This is chapter 01's baseline (Vaswani et al. 2017; GQA: Ainslie et al. 2023, ar
 problem that Multi-head Latent Attention solves (DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1,
 chapter 02). ``attention_reference`` spells out softmax(QK^T / sqrt(d) + M) V and stays as
 the reference that the fused ``scaled_dot_product_attention`` path is tested against.
+
+Batches may be ragged (GRPO samples prompts of different lengths, chapter 08; speculative
+decoding accepts a different number of tokens per row, chapter 04): positions may be given per
+row, each row's tokens sit in the cache at their own positions, and ``ragged_causal_mask``
+combines causality with a key-padding mask.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from deepseek_mini.layers import init_linear
 from deepseek_mini.rope import apply_rope
 
-__all__ = ['causal_mask', 'attention_reference', 'KVCache', 'Attention']
+__all__ = ['causal_mask', 'ragged_causal_mask', 'cache_mask', 'attention_reference', 'KVCache', 'Attention']
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 5. Causal attention, with grouped-query attention
@@ -33,6 +39,39 @@ def causal_mask(q_len: int, kv_len: int, q_offset: int = 0, device=None) -> torc
     q_pos = torch.arange(q_len, device=device)[:, None] + q_offset
     k_pos = torch.arange(kv_len, device=device)[None, :]
     return k_pos <= q_pos
+
+
+def ragged_causal_mask(positions: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                       kv_len: int | None = None) -> torch.Tensor:
+    """(B, 1, T, S) bool for a ragged batch: True where token t of row b may attend to key s.
+
+    positions (B, T): each token's position; padding_mask (B, T): True at real tokens. Without a
+    cache (kv_len None) the keys are the T tokens: t sees every s <= t that is not padding. With
+    a cache of kv_len slots, slot s holds its row's position s, so t sees the slots up to its
+    own position: every row at its own length. A token always sees itself, so no softmax row
+    is empty (a padding query's output is garbage, and ignored, but never NaN).
+    """
+    batch, q_len = positions.shape
+    if kv_len is None:
+        mask = causal_mask(q_len, q_len, device=positions.device).expand(batch, q_len, q_len)
+        itself = torch.eye(q_len, dtype=torch.bool, device=positions.device)
+        keys_real = padding_mask
+    else:
+        slots = torch.arange(kv_len, device=positions.device)
+        mask, itself = slots <= positions[..., None], slots == positions[..., None]
+        keys_real = None if padding_mask is None else torch.ones(      # this chunk's padding, where it is written
+            batch, kv_len, dtype=torch.bool, device=positions.device).scatter(1, positions, padding_mask)
+    if keys_real is not None:
+        mask = mask & keys_real[:, None, :]
+    return (mask | itself)[:, None]
+
+
+def cache_mask(start_pos: int | torch.Tensor, q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """The mask of q_len new tokens against kv_len cached slots: ``causal_mask`` from one start
+    position, or ``ragged_causal_mask`` from per-row positions (B, T)."""
+    if isinstance(start_pos, torch.Tensor):
+        return ragged_causal_mask(start_pos, kv_len=kv_len)
+    return causal_mask(q_len, kv_len, start_pos, device)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -65,14 +104,24 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions start_pos.. of k_new/v_new (B, H_kv, T, D); return all keys and values so far."""
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions start_pos.. of k_new/v_new (B, H_kv, T, D); return all keys and values so far.
+
+        ``start_pos`` may be a (B, T) tensor of per-row positions (a ragged batch): token t of row
+        b goes to slot start_pos[b, t], and every slot is returned (the mask hides the slots past
+        each row's position). Those positions are not range-checked: that would sync a GPU.
+        """
+        if k_new.shape[0] != self.k.shape[0]:
+            raise ValueError(f"KV cache was made for batch size {self.k.shape[0]}, got {k_new.shape[0]}")
+        if isinstance(start_pos, torch.Tensor):
+            for cache, new in ((self.k, k_new), (self.v, v_new)):
+                cache.scatter_(2, start_pos[:, None, :, None].expand_as(new), new.to(cache.dtype))
+            return self.k, self.v
         end = start_pos + k_new.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions but start_pos ({start_pos}) + "
                              f"{k_new.shape[2]} new tokens needs {end}; make the cache with max_len >= {end}")
-        if k_new.shape[0] != self.k.shape[0]:
-            raise ValueError(f"KV cache was made for batch size {self.k.shape[0]}, got {k_new.shape[0]}")
         self.k[:, :, start_pos:end] = k_new
         self.v[:, :, start_pos:end] = v_new
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -102,19 +151,26 @@ class Attention(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
         return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, dim) at positions start_pos..; rope = (cos, sin) rows for those positions."""
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            init_linear(linear, std, generator)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor = 0,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) at positions start_pos..; rope = (cos, sin) rows for those positions.
+
+        Ragged batches pass per-row positions (B, T) as ``start_pos`` and a (B, 1, T, S) ``mask``.
+        """
         q, k, v = (rearrange(w(x), "b t (h d) -> b t h d", d=self.head_dim) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
-        kv_offset = 0
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
-        else:
-            kv_offset = start_pos  # no cache: the keys are this chunk's own positions
+            mask = cache_mask(start_pos, q.shape[2], k.shape[2], x.device) if mask is None else mask
         group = self.n_heads // self.n_kv_heads
         k, v = (repeat(t, "b g t d -> b (g r) t d", r=group) for t in (k, v))
-        mask = causal_mask(q.shape[2], k.shape[2], start_pos - kv_offset, device=x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        # Without a cache the keys are this chunk's own tokens: SDPA's built-in causal mask
+        # (is_causal) lets it pick a flash kernel, which an explicit mask would rule out.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=self.softmax_scale)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))

@@ -5,12 +5,22 @@ decoded one token at a time through the model's KV cache.
 
 Top-p: Holtzman et al. 2019 (arXiv 1904.09751). Chapter 04 adds self-speculative decoding
 with the Multi-Token Prediction module (DeepSeek-V3 §5.4.3).
+
+A batch may be ragged: ``generate`` takes a list of prompts of different lengths (GRPO samples
+groups of them, chapter 08), decodes every row at its own positions, and can return the
+log-probability of each generated token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from deepseek_mini.model import check_tokens
 
 __all__ = ['top_k_filter', 'top_p_filter', 'sample_next_token', 'generate']
 
@@ -52,30 +62,97 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 9. From logits to text: sampling
-@torch.no_grad()
-def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-             seed: int | None = None) -> torch.Tensor:
-    """Continue prompt (B, T) by up to max_new_tokens, prefilling once and then decoding
-    one token at a time through the KV cache. Rows that emit stop_token are padded with it;
-    generation ends when every row has stopped. Returns (B, T + n_generated)."""
-    if prompt.dim() != 2 or prompt.dtype != torch.long:
-        raise ValueError(f"prompt must be a (batch, length) int64 tensor, got {tuple(prompt.shape)} {prompt.dtype}")
+def _prompt_batch(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor],
+                  max_new_tokens: int) -> tuple[torch.Tensor, list[int] | None]:
+    """Check the prompts once, here rather than in every forward; a list is right-padded into
+    (B, T_max) and its lengths returned (None for a (B, T) tensor: every row has length T)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
-    model.eval()
-    batch, length = prompt.shape
-    cache = model.new_cache(batch, length + max_new_tokens)
-    generator = None if seed is None else torch.Generator(prompt.device).manual_seed(seed)
-    logits = model(prompt, start_pos=0, cache=cache)[:, -1]
-    out, finished = [prompt], torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-    for pos in range(length, length + max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2 or prompt.dtype != torch.long:
+            raise ValueError(f"prompt must be a (batch, length) int64 tensor, got {tuple(prompt.shape)} {prompt.dtype}")
+        tokens, lengths = prompt, None
+    else:
+        rows = list(prompt)
+        bad = [i for i, r in enumerate(rows) if not (isinstance(r, torch.Tensor) and r.dim() == 1
+                                                     and r.dtype == torch.long and len(r) > 0)]
+        if not rows or bad:
+            raise ValueError("prompts must be a (batch, length) int64 tensor or a non-empty list of non-empty "
+                             f"1-D int64 tensors; {'the list is empty' if not rows else f'item {bad[0]} is not'}")
+        tokens, lengths = pad_sequence(rows, batch_first=True), [len(r) for r in rows]
+    check_tokens(tokens, model.config.vocab_size)
+    limit = model.config.max_position_embeddings
+    if tokens.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt length ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+    return tokens, lengths
+
+
+# --- notebooks/01_baseline_transformer.ipynb: 9. From logits to text: sampling
+def _decode(model: nn.Module, tokens: torch.Tensor, lengths: list[int] | None, max_new_tokens: int,
+            pick, stop_token: int | None, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prefill tokens (B, T), then decode through the KV cache: the new ids (B, n) and, if asked,
+    their log-probabilities. A ragged batch (lengths) runs every row at its own positions."""
+    batch, width = tokens.shape
+    cache = model.new_cache(batch, width + max_new_tokens)
+    if lengths is None:
+        logits = model(tokens, 0, cache)[:, -1]
+    else:
+        length = torch.tensor(lengths, device=tokens.device)
+        positions = torch.arange(width, device=tokens.device).expand(batch, width)
+        logits = model(tokens, cache=cache, positions=positions, padding_mask=positions < length[:, None])
+        logits = logits[torch.arange(batch, device=tokens.device), length - 1]    # each row's last real token
+    out, logps = [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    for i in range(max_new_tokens):
+        token = pick(logits)
         if stop_token is not None:
             token = token.masked_fill(finished, stop_token)
-            finished |= token == stop_token
-        out.append(token[:, None])
-        if finished.all() or pos + 1 == length + max_new_tokens:
+        if logprobs:       # under the model itself: log-softmax of the raw logits (a finished row's padding: 0)
+            logps.append(logits.float().log_softmax(-1).gather(1, token[:, None])[:, 0].masked_fill(finished, 0.0))
+        if stop_token is not None:
+            finished = finished | (token == stop_token)
+        out.append(token)
+        if i + 1 == max_new_tokens or (stop_token is not None and finished.all()):
             break
-        logits = model(token[:, None], start_pos=pos, cache=cache)[:, -1]
-    return torch.cat(out, dim=1)
+        if lengths is None:
+            logits = model(token[:, None], width + i, cache)[:, -1]
+        else:
+            logits = model(token[:, None], cache=cache, positions=(length + i)[:, None])[:, -1]
+    return torch.stack(out, dim=1), (torch.stack(logps, dim=1) if logprobs else None)
+
+
+# --- notebooks/01_baseline_transformer.ipynb: 9. From logits to text: sampling
+@torch.no_grad()
+def generate(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop_token: int | None = None, seed: int | None = None, return_logprobs: bool = False):
+    """Continue each prompt by up to max_new_tokens, prefilling once and then decoding one token
+    at a time through the KV cache; generation ends when every row has emitted stop_token.
+
+    ``prompt`` (B, T) gives (B, T + n_generated), rows that stopped padded with stop_token. A list
+    of 1-D prompts of different lengths (a ragged batch) gives a list: each prompt followed by its
+    continuation, up to and including its stop_token. ``return_logprobs`` also returns each
+    generated token's log-probability under the model (before temperature and filtering), shaped
+    like the continuations. The model runs in eval mode and gets its own mode back, even on error.
+    """
+    tokens, lengths = _prompt_batch(model, prompt, max_new_tokens)
+    generator = None if seed is None else torch.Generator(tokens.device).manual_seed(seed)
+    pick = partial(sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    new, logps = tokens.new_zeros(tokens.shape[0], 0), torch.zeros(tokens.shape[0], 0, device=tokens.device)
+    was_training = model.training
+    try:
+        model.eval()       # no dropout, and MoE layers count no load
+        if max_new_tokens > 0:
+            new, logps = _decode(model, tokens, lengths, max_new_tokens, pick, stop_token, return_logprobs)
+    finally:
+        model.train(was_training)
+    if lengths is None:
+        out = torch.cat([tokens, new], dim=1)
+        return (out, logps) if return_logprobs else out
+    n_new = [new.shape[1]] * len(lengths)
+    if stop_token is not None:          # each row ends at its first stop token
+        stops = new == stop_token
+        n_new = torch.where(stops.any(dim=1), stops.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+    seqs = [torch.cat([tokens[b, :length], new[b, :n]]) for b, (length, n) in enumerate(zip(lengths, n_new))]
+    return (seqs, [logps[b, :n] for b, n in enumerate(n_new)]) if return_logprobs else seqs

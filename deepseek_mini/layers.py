@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['RMSNorm', 'MLP', 'Block']
+__all__ = ['RMSNorm', 'init_linear', 'MLP', 'Block']
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 3. RMSNorm
@@ -38,11 +38,21 @@ class RMSNorm(nn.Module):
         x_hp = x_hp * torch.rsqrt(x_hp.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (x_hp * self.weight.to(dtype)).type_as(x)
 
-    def reset_parameters(self) -> None:
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None) -> None:
+        """Gain 1. Nothing is random; ``std`` and ``generator`` are taken so that every module's
+        ``init_weights`` is called the same way."""
         nn.init.ones_(self.weight)
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 7. The SwiGLU feed-forward network and the pre-norm block
+@torch.no_grad()
+def init_linear(module: nn.Linear | nn.Embedding, std: float, generator: torch.Generator | None = None) -> None:
+    """Weight ~ N(0, std^2), bias 0: DeepSeek-V3 initialises every weight this way (std 0.006, §4.2)."""
+    module.weight.normal_(0.0, std, generator=generator)
+    if getattr(module, "bias", None) is not None:
+        module.bias.zero_()
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward network: w2(silu(w1 x) * w3 x) (Shazeer 2020).
 
@@ -59,13 +69,18 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for linear in (self.w1, self.w2, self.w3):
+            init_linear(linear, std, generator)
+
 
 # --- notebooks/01_baseline_transformer.ipynb: 7. The SwiGLU feed-forward network and the pre-norm block
 class Block(nn.Module):
     """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
 
-    ``attn`` is any module called as attn(x, rope, start_pos, cache) and ``ffn`` any module
-    called as ffn(x): chapter 01 passes Attention and MLP, later chapters MLA and MoE.
+    ``attn`` is any module called as attn(x, rope, start_pos, cache, mask) and ``ffn`` any module
+    called as ffn(x): chapter 01 passes Attention and MLP, later chapters MLA and MoE. Each part
+    initialises itself (``init_weights``), so a block needs no knowledge of what it holds.
     """
 
     def __init__(self, attn: nn.Module, ffn: nn.Module, dim: int, eps: float = 1e-6) -> None:
@@ -76,6 +91,10 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                start_pos: int = 0, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache)
+                start_pos: int | torch.Tensor = 0, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
         return x + self.ffn(self.ffn_norm(x))
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for part in (self.attn_norm, self.attn, self.ffn_norm, self.ffn):   # in the order they were built
+            part.init_weights(std, generator)

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from deepseek_mini.attention import KVCache, causal_mask
-from deepseek_mini.layers import RMSNorm
+from deepseek_mini.attention import KVCache, cache_mask, causal_mask
+from deepseek_mini.layers import RMSNorm, init_linear
 from deepseek_mini.rope import apply_rope
 
 __all__ = ['LatentCache', 'absorbed_attention', 'naive_attention', 'MLA']
@@ -54,14 +54,22 @@ class LatentCache:
     def max_len(self) -> int:
         return self.c_kv.shape[1]
 
-    def update(self, c_kv: torch.Tensor, k_rope: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions start_pos.. and return every cached position so far."""
+    def update(self, c_kv: torch.Tensor, k_rope: torch.Tensor,
+               start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions start_pos.. and return every cached position so far.
+
+        Per-row positions (B, T) write token t of row b at slot start_pos[b, t] and return every slot.
+        """
+        if c_kv.shape[0] != self.c_kv.shape[0]:
+            raise ValueError(f"latent cache was made for batch size {self.c_kv.shape[0]}, got {c_kv.shape[0]}")
+        if isinstance(start_pos, torch.Tensor):
+            for cache, new in ((self.c_kv, c_kv), (self.k_rope, k_rope)):
+                cache.scatter_(1, start_pos[..., None].expand_as(new), new.to(cache.dtype))
+            return self.c_kv, self.k_rope
         end = start_pos + c_kv.shape[1]
         if end > self.max_len:
             raise ValueError(f"latent cache holds {self.max_len} positions but start_pos ({start_pos}) + "
                              f"{c_kv.shape[1]} new tokens needs {end}; make the cache with max_len >= {end}")
-        if c_kv.shape[0] != self.c_kv.shape[0]:
-            raise ValueError(f"latent cache was made for batch size {self.c_kv.shape[0]}, got {c_kv.shape[0]}")
         self.c_kv[:, start_pos:end] = c_kv
         self.k_rope[:, start_pos:end] = k_rope
         return self.c_kv[:, :end], self.k_rope[:, :end]
@@ -73,7 +81,7 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.T
     """Attention computed in latent space, with W^{UK} folded into the query.
 
     q_nope (B, T, H, d_h), q_rope (B, T, H, d_h^R); c_kv (B, S, d_c), k_rope (B, S, d_h^R);
-    w_uk, w_uv (H, d_h, d_c); mask (T, S). Returns (B, T, H, d_h). Per-head keys and values
+    w_uk, w_uv (H, d_h, d_c); mask (T, S), or (B, 1, T, S) for a ragged batch. Returns (B, T, H, d_h). Per-head keys and values
     are never formed: q_nope W^{UK} meets c_kv directly, and W^{UV} acts after the softmax.
     """
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                     # (B, T, H, d_c)
@@ -85,15 +93,16 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.T
     return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> torch.Tensor:
     """Plain multi-head attention on explicit per-head keys and values (eqs. 4, 5, 10).
 
-    q (B, T, H, d_h + d_h^R), k (B, S, H, d_h + d_h^R), v (B, S, H, d_h), mask (T, S).
-    Returns (B, T, H, d_h): the reference the absorbed path must reproduce.
+    q (B, T, H, d_h + d_h^R), k (B, S, H, d_h + d_h^R), v (B, S, H, d_h), mask (T, S) or
+    (B, 1, T, S); None means causal over the T tokens themselves (S = T), SDPA's built-in mask,
+    which allows its flash kernels. Returns (B, T, H, d_h): the reference the absorbed path must reproduce.
     """
     q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     return rearrange(out, "b h t d -> b t h d")
 
 
@@ -113,7 +122,7 @@ def _check_mla_dims(dim: int, kv_lora_rank: int, q_lora_rank: int | None, rope_d
 class MLA(nn.Module):
     """Multi-head Latent Attention; ``attn_impl`` picks the naive or the absorbed path."""
 
-    def __init__(self, dim: int, n_heads: int, kv_lora_rank: int, q_lora_rank: int | None = None,
+    def __init__(self, dim: int, n_heads: int, *, kv_lora_rank: int, q_lora_rank: int | None = None,
                  qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
                  eps: float = 1e-6, attn_impl: Literal["naive", "absorb"] = "absorb",
                  softmax_scale: float | None = None) -> None:
@@ -142,6 +151,15 @@ class MLA(nn.Module):
         return KVCache(torch.zeros(*shape, self.dn + self.dr, device=device, dtype=dtype),
                        torch.zeros(*shape, self.dv, device=device, dtype=dtype))
 
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Projections ~ N(0, std^2), drawn in the order they were built; norm gains 1."""
+        query = [self.wq] if hasattr(self, "wq") else [self.wq_a, self.wq_b]
+        for linear in (*query, self.wkv_a, self.wkv_b, self.wo):
+            init_linear(linear, std, generator)
+        for norm in (self.kv_norm, *([] if hasattr(self, "wq") else [self.q_norm])):
+            norm.init_weights()
+
     def query(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope (B, T, H, d_h) and rotated q_rope (B, T, H, d_h^R), eqs. 6-9."""
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -158,16 +176,20 @@ class MLA(nn.Module):
         w = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=self.n_heads)
         return w[:, :self.dn], w[:, self.dn:]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                start_pos: int = 0, cache=None) -> torch.Tensor:
-        """x (B, T, dim) at positions start_pos.. -> (B, T, dim), by the path ``attn_impl`` names."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor = 0,
+                cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) at positions start_pos.. -> (B, T, dim), by the path ``attn_impl`` names.
+
+        Ragged batches pass per-row positions (B, T) as ``start_pos`` and a (B, 1, T, S) ``mask``.
+        """
         q_nope, q_rope = self.query(x, rope)
         c_kv, k_rope = self.latent(x, rope)
-        q_offset = start_pos if cache is not None else 0     # without a cache, keys start at start_pos too
         if self.attn_impl == "absorb":
             if cache is not None:
                 c_kv, k_rope = cache.update(c_kv, k_rope, start_pos)
-            mask = causal_mask(x.shape[1], c_kv.shape[1], q_offset, x.device)
+            if mask is None:     # without a cache the keys are this chunk's own tokens: plain causal
+                mask = (cache_mask(start_pos, x.shape[1], c_kv.shape[1], x.device) if cache is not None
+                        else causal_mask(x.shape[1], x.shape[1], device=x.device))
             out = absorbed_attention(q_nope, q_rope, c_kv, k_rope, *self.up_weights(), mask, self.softmax_scale)
         else:
             kv = rearrange(self.wkv_b(c_kv), "b s (h d) -> b s h d", h=self.n_heads)         # eqs. 2, 5
@@ -176,6 +198,6 @@ class MLA(nn.Module):
             if cache is not None:
                 k, v = cache.update(*(rearrange(t, "b s h d -> b h s d") for t in (k, v)), start_pos)
                 k, v = (rearrange(t, "b h s d -> b s h d") for t in (k, v))
-            mask = causal_mask(x.shape[1], k.shape[1], q_offset, x.device)
+                mask = cache_mask(start_pos, x.shape[1], k.shape[1], x.device) if mask is None else mask
             out = naive_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, self.softmax_scale)
         return self.wo(rearrange(out, "b t h d -> b t (h d)"))

@@ -12,7 +12,19 @@ config *fields*, never from sizes:
 
 Construction never initialises weights; ``init_weights`` does (the torchtitan pattern),
 so ``build_model(config, device="meta")`` lays out even the 671B model instantly and
-without memory, for parameter accounting (chapter 09).
+without memory, for parameter accounting (chapter 09). Every module initialises its own
+weights (``init_weights`` on each); which buffers stay FP32 whatever the model is cast to is
+the dtype policy of ``deepseek_mini.precision``.
+
+The model is also the platform later chapters build on:
+
+* **Stages** (pipeline parallelism, chapter 06): ``layers`` is an ``nn.ModuleDict`` keyed by
+  layer id, and ``embed``, ``norm``, ``head`` may be None; ``cut`` makes a stage, and a chain
+  of stages computes exactly the whole model.
+* **Ragged batches** (GRPO, chapter 08; speculative decoding with MTP, chapter 04): per-row
+  ``positions``, a ``padding_mask``, and caches whose rows have their own lengths.
+* **Token ids are checked once**, by ``check_tokens`` where they enter, never in ``forward``,
+  which would otherwise synchronise a GPU on every decoded token.
 
 A config field the model does not build yet is refused, never ignored: ``rope_scaling``
 (YaRN, chapter 07), ``num_nextn_predict_layers > 0`` (Multi-Token Prediction, chapter 04),
@@ -22,26 +34,31 @@ naming the field and the value that builds.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from deepseek_mini.attention import Attention
+from deepseek_mini.attention import Attention, ragged_causal_mask
 from deepseek_mini.config import ModelConfig, load_config
-from deepseek_mini.layers import MLP, Block, RMSNorm
+from deepseek_mini.layers import MLP, Block, RMSNorm, init_linear
 from deepseek_mini.mla import MLA
-from deepseek_mini.moe import Gate, MoE
+from deepseek_mini.moe import MoE
+from deepseek_mini.precision import FP32Buffers
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
-__all__ = ["Transformer", "build_model", "count_parameters", "ParameterCount"]
+__all__ = ["Transformer", "build_model", "check_tokens", "count_parameters", "cut", "ParameterCount"]
 
 
 def _make_attention(config: ModelConfig) -> nn.Module:
     if config.uses_mla:
-        return MLA(config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.q_lora_rank,
-                   config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
-                   config.rms_norm_eps, config.attn_impl)
+        return MLA(config.hidden_size, config.num_attention_heads, kv_lora_rank=config.kv_lora_rank,
+                   q_lora_rank=config.q_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+                   qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+                   eps=config.rms_norm_eps, attn_impl=config.attn_impl)
     return Attention(config.hidden_size, config.num_attention_heads,
                      config.num_key_value_heads, bias=config.attention_bias)
 
@@ -53,9 +70,11 @@ def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
         raise ValueError("topk_method 'group_limited_greedy' is DeepSeek-V2's router, which deepseek_mini "
                          "does not build; use 'noaux_tc' (V3, group-limited with the balancing bias) or 'greedy'")
     n_group, topk_group = (config.n_group, config.topk_group) if config.topk_method == "noaux_tc" else (1, 1)
-    return MoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-               config.n_shared_experts, config.num_experts_per_tok, n_group, topk_group,
-               config.routed_scaling_factor, config.scoring_func, config.norm_topk_prob)
+    return MoE(config.hidden_size, moe_inter_dim=config.moe_intermediate_size,
+               n_routed_experts=config.n_routed_experts, n_shared_experts=config.n_shared_experts,
+               topk=config.num_experts_per_tok, n_group=n_group, topk_group=topk_group,
+               route_scale=config.routed_scaling_factor, score_func=config.scoring_func,
+               normalize=config.norm_topk_prob)
 
 
 def _unbuilt_features(config: ModelConfig) -> list[str]:
@@ -89,12 +108,21 @@ def _rope_dim(config: ModelConfig) -> int:
     return config.qk_rope_head_dim if config.uses_mla else config.head_dim
 
 
-class Transformer(nn.Module):
+class Transformer(FP32Buffers):
     """Decoder-only language model: tokens (B, T) -> next-token logits (B, T, vocab_size).
 
     Names follow DeepSeek-V3's inference code: ``embed``, ``layers``, ``norm``, ``head``.
     The head is untied from the embedding (HF ``tie_word_embeddings=False``).
+
+    ``layers`` is an ``nn.ModuleDict`` keyed by layer id ("0", "1", ...), so the state-dict keys
+    are ``layers.3.attn.wq.weight`` whatever else the model holds. A pipeline stage is this same
+    class with layers removed (``cut``, or ``del model.layers["3"]``; torchtitan's way), and
+    ``embed``, ``norm`` and ``head`` may be None: without ``embed`` it takes hidden states, without
+    ``head`` it returns them. RoPE tables are shared by every layer and kept by every stage; caches
+    are keyed by layer id, so a stage holding layers 30-45 runs as it is.
     """
+
+    fp32_buffers = ("rope_cos", "rope_sin")     # angles up to 163,840 positions need FP32 (chapter 07)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -102,12 +130,12 @@ class Transformer(nn.Module):
             raise NotImplementedError("; ".join(unbuilt))
         self.config = config
         d = config.hidden_size
-        self.embed = nn.Embedding(config.vocab_size, d)
-        self.layers = nn.ModuleList(
-            Block(_make_attention(config), _make_ffn(config, i), d, config.rms_norm_eps)
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(d, config.rms_norm_eps)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.embed: nn.Embedding | None = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleDict({
+            str(i): Block(_make_attention(config), _make_ffn(config, i), d, config.rms_norm_eps)
+            for i in range(config.num_hidden_layers)})
+        self.norm: RMSNorm | None = RMSNorm(d, config.rms_norm_eps)
+        self.head: nn.Linear | None = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
         cos, sin = self._rope_tables()
@@ -120,63 +148,148 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Linear and embedding weights ~ N(0, initializer_range^2), biases 0, norm gains 1."""
-        if self.config.tie_word_embeddings:   # moving off the meta device replaces parameters: re-tie
-            self.head.weight = self.embed.weight
+        """Weights ~ N(0, initializer_range^2), biases 0, norm gains 1: each module initialises its
+        own (``init_weights``), in the order the model built them, so a seeded build draws the same
+        numbers whatever is cut away later. The RoPE tables are recomputed (``to_empty`` leaves
+        buffers uninitialised)."""
         std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, Gate):    # router centroids e_i like any weight; the balancing bias b_i = 0
-                module.weight.normal_(0.0, std, generator=generator)
-                module.bias.zero_()
-            elif isinstance(module, MoE):     # load counters: to_empty() left them uninitialised
-                module.tokens_per_expert.zero_()
+        if self.embed is not None:
+            init_linear(self.embed, std, generator)
+        for layer in self.layers.values():
+            layer.init_weights(std, generator)
+        if self.norm is not None:
+            self.norm.init_weights(std, generator)
+        if self.head is not None:
+            if self.config.tie_word_embeddings and self.embed is not None:
+                self.head.weight = self.embed.weight     # moving off the meta device replaced the parameters
+            init_linear(self.head, std, generator)
         cos, sin = self._rope_tables()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> list:
-        """One empty KV cache per layer for decoding up to max_len positions."""
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
+        """An empty KV cache for each layer this model (or stage) holds, keyed by layer id like
+        ``layers``, for decoding up to max_len positions."""
         max_len = self.config.max_position_embeddings if max_len is None else max_len
         if not 0 < max_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_len ({max_len}) must be in [1, max_position_embeddings="
                              f"{self.config.max_position_embeddings}]")
-        device, dtype = self.embed.weight.device, self.embed.weight.dtype
-        return [layer.attn.new_cache(batch_size, max_len, device=device, dtype=dtype) for layer in self.layers]
+        weight = next(self.parameters())
+        return {layer_id: layer.attn.new_cache(batch_size, max_len, device=weight.device, dtype=weight.dtype)
+                for layer_id, layer in self.layers.items()}
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: int, cache: list | None) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+    def _check_inputs(self, x: torch.Tensor, start_pos: int, cache: dict | None,
+                      positions: torch.Tensor | None, padding_mask: torch.Tensor | None) -> None:
+        """Shapes, dtypes and positions, all known on the host: nothing here waits for a GPU.
+        Token ids are checked once, by ``check_tokens`` at the entry points."""
+        if self.embed is not None and not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == torch.long):
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"tokens must be a (batch, seq_len) int64 tensor, got {got}")
-        end = start_pos + tokens.shape[1]
-        if start_pos < 0 or end > self.config.max_position_embeddings:
+        if self.embed is None and not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.is_floating_point()
+                                       and x.shape[-1] == self.config.hidden_size):
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"this stage has no embedding: pass hidden states (batch, seq_len, "
+                             f"hidden_size={self.config.hidden_size}) as floats, got {got}")
+        if not isinstance(start_pos, int):
+            raise ValueError(f"start_pos must be an int, got {type(start_pos).__name__}; pass per-row "
+                             "positions (batch, seq_len) as positions=")
+        shape, end = tuple(x.shape[:2]), start_pos + x.shape[1]
+        if positions is None and (start_pos < 0 or end > self.config.max_position_embeddings):
             raise ValueError(f"positions {start_pos}..{end - 1} exceed max_position_embeddings "
                              f"({self.config.max_position_embeddings}); use a shorter input or a larger config")
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}; use model.new_cache()")
-        if tokens.device.type != "meta" and tokens.numel() and not (
-                0 <= int(tokens.min()) and int(tokens.max()) < self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, vocab_size={self.config.vocab_size}), "
-                             f"got min {int(tokens.min())}, max {int(tokens.max())}")
+        for name, t, dtype in (("positions", positions, torch.long), ("padding_mask", padding_mask, torch.bool)):
+            if t is not None and not (isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dtype):
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a {shape} {dtype} tensor like the input's (batch, seq_len), got {got}")
+        if cache is not None and (not isinstance(cache, dict) or cache.keys() != self.layers.keys()):
+            got = sorted(cache, key=int) if isinstance(cache, dict) else type(cache).__name__
+            raise ValueError(f"cache holds layers {got}, the model {list(self.layers)}; use model.new_cache()")
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache: list | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, d), before the output head."""
-        self._check_tokens(tokens, start_pos, cache)
-        end = start_pos + tokens.shape[1]
-        rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
-        h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, start_pos, None if cache is None else cache[i])
-        return self.norm(h)
+    def _attention_inputs(self, batch: int, length: int, start_pos: int, cache: dict | None,
+                          positions: torch.Tensor | None, padding_mask: torch.Tensor | None):
+        """What every layer shares, computed once per forward: the RoPE rows, the position(s) and the mask."""
+        if positions is None and padding_mask is None:         # every row at start_pos..: the simple path
+            end = start_pos + length
+            return (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]), start_pos, None
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + length, device=self.rope_cos.device).expand(batch, length)
+        if cache is None and padding_mask is None:
+            mask = None                                         # plain causal: SDPA's own mask
+        else:
+            mask = ragged_causal_mask(positions, padding_mask, next(iter(cache.values())).max_len if cache else None)
+        return (self.rope_cos[positions], self.rope_sin[positions]), positions, mask
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for tokens (B, T) at positions start_pos..start_pos+T-1."""
-        return self.head(self.hidden_states(tokens, start_pos, cache))
+    def hidden_states(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None, *,
+                      positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything but the head: the final normalised hidden states (B, T, d) of a whole model;
+        a stage without ``norm`` returns its last layer's residual stream."""
+        self._check_inputs(x, start_pos, cache, positions, padding_mask)
+        h = x if self.embed is None else self.embed(x)
+        rope, where, mask = self._attention_inputs(x.shape[0], x.shape[1], start_pos, cache, positions, padding_mask)
+        for layer_id, layer in self.layers.items():
+            h = layer(h, rope, where, None if cache is None else cache[layer_id], mask)
+        return h if self.norm is None else self.norm(h)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None, *,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for tokens x (B, T) at positions start_pos..start_pos+T-1.
+
+        A stage without ``embed`` takes hidden states x (B, T, d); one without ``head`` returns them.
+        Ragged batches (GRPO, speculative decoding): ``positions`` (B, T) places each row's tokens
+        (RoPE angle, and cache slot: with a cache, slot = position, so each row has its own
+        length and its padding must follow its real tokens, which overwrite it later);
+        ``padding_mask`` (B, T) is True at real tokens, False at padding that no token may attend
+        to. Neither is range-checked here, and neither are token ids: an out-of-range id fails
+        inside ``nn.Embedding`` (IndexError on CPU, a device-side assert on GPU). Checking would
+        read a tensor's min and max, a GPU sync per decoded token; ``check_tokens`` does it once
+        where the ids come in (``generate``, the trainer).
+        """
+        h = self.hidden_states(x, start_pos, cache, positions=positions, padding_mask=padding_mask)
+        return h if self.head is None else self.head(h)
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Raise a one-line ``ValueError`` unless every id in ``tokens`` is in [0, vocab_size).
+
+    Call it once where ids enter (``generate`` does on its prompts; the trainer on its data):
+    ``Transformer.forward`` does not, because reading the min and max waits for the GPU.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"token ids must be an integer tensor, got {got}")
+    if tokens.numel() and tokens.device.type != "meta":
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got min {low}, max {high}")
+
+
+def cut(model: Transformer, layer_ids: Iterable[int | str], *, embed: bool = False, head: bool = False) -> Transformer:
+    """A pipeline stage of ``model``: a copy holding only the layers ``layer_ids``, plus the embedding
+    if ``embed`` (the first stage) and the final norm and head if ``head`` (the last stage).
+
+    The stage is the model with the rest removed (torchtitan's way), so its state-dict keys are
+    the whole model's (``layers.2.ffn.gate.bias``) and checkpoints load into it with
+    ``strict=False``. The removed parts are never copied: cut a model built on the meta device,
+    then materialise each stage where it runs. Chained, the stages compute exactly the whole model::
+
+        stages = [cut(model, [0, 1], embed=True), cut(model, [2, 3], head=True)]
+        h = tokens
+        for stage in stages:
+            h = stage(h)        # hidden states between stages, logits at the end
+    """
+    if not isinstance(model, Transformer):
+        raise ValueError(f"cut needs a deepseek_mini Transformer, got {type(model).__name__}")
+    keep = {str(i) for i in layer_ids}
+    if unknown := sorted(keep - set(model.layers), key=int):
+        raise ValueError(f"layer {unknown[0]} is not in the model, which holds layers {list(model.layers)}")
+    removed = [layer for layer_id, layer in model.layers.items() if layer_id not in keep]
+    removed += [] if embed else [model.embed]
+    removed += [] if head else [model.norm, model.head]
+    # deepcopy with the removed modules memoised as None copies only what the stage keeps.
+    stage = copy.deepcopy(model, memo={id(module): None for module in removed if module is not None})
+    for layer_id in [layer_id for layer_id in stage.layers if layer_id not in keep]:
+        del stage.layers[layer_id]
+    return stage
 
 
 def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
@@ -198,12 +311,7 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         model.init_weights(generator)
     if dtype is not None:
-        model = model.to(dtype)
-        for module in model.modules():    # balancing state stays FP32: bf16 would round away bias
-            if isinstance(module, Gate):  # updates of gamma = 0.001 (an FP32 buffer, §2.1.2) and
-                module.bias.data = module.bias.data.float()   # miscount loads above 256 tokens
-            elif isinstance(module, MoE):
-                module.tokens_per_expert.data = module.tokens_per_expert.data.float()
+        model = model.to(dtype)       # the dtype policy keeps the FP32 buffers (deepseek_mini.precision)
     return model
 
 
@@ -244,6 +352,6 @@ def count_parameters(model_or_config: nn.Module | ModelConfig | str) -> Paramete
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())
     inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
-    embedding = model.embed.weight.numel() if hasattr(model, "embed") else 0
-    head = model.head.weight.numel() if hasattr(model, "head") else 0
+    embedding = model.embed.weight.numel() if getattr(model, "embed", None) is not None else 0
+    head = model.head.weight.numel() if getattr(model, "head", None) is not None else 0
     return ParameterCount(total=total, activated=total - inactive, embedding=embedding, head=head)

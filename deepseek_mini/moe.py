@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.layers import MLP
+from deepseek_mini.precision import FP32Buffers
 
 __all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
 
@@ -73,21 +74,30 @@ def routing_weights(scores: torch.Tensor, indices: torch.Tensor, route_scale: fl
 
 
 # --- notebooks/03_moe.ipynb: 3. Build it: routing
-class Gate(nn.Module):
+class Gate(FP32Buffers):
     """The router: centroids e_i (``weight``, N_r x d) and the balancing bias b_i (``bias``).
 
     ``bias`` is a float32 *buffer*: it is saved in checkpoints but is not a parameter, so
-    no gradient or optimizer ever touches it; only ``update_bias`` changes it. The affinities
-    are computed in float32 (the official code and Hugging Face's router run it in FP32).
+    no gradient or optimizer ever touches it; only ``update_bias`` changes it. It stays float32
+    when the model is cast to bf16 (``fp32_buffers``). The affinities are computed in float32
+    (the official code and Hugging Face's router run it in FP32).
     """
 
-    def __init__(self, dim: int, n_routed_experts: int, topk: int, n_group: int = 1, topk_group: int = 1,
+    fp32_buffers = ("bias",)
+
+    def __init__(self, dim: int, n_routed_experts: int, topk: int, *, n_group: int = 1, topk_group: int = 1,
                  route_scale: float = 1.0, score_func: str = "sigmoid", normalize: bool = True) -> None:
         super().__init__()
         self.topk, self.n_group, self.topk_group = topk, n_group, topk_group
         self.route_scale, self.score_func, self.normalize = route_scale, score_func, normalize
         self.weight = nn.Parameter(torch.empty(n_routed_experts, dim))
         self.register_buffer("bias", torch.zeros(n_routed_experts, dtype=torch.float32))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Centroids e_i ~ N(0, std^2) like any weight; the balancing bias b_i starts at 0."""
+        self.weight.normal_(0.0, std, generator=generator)
+        self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> gates (T, K), expert indices (T, K), affinities s (T, N_r)."""
@@ -184,25 +194,30 @@ def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float
 
 
 # --- notebooks/03_moe.ipynb: 6. The MoE layer, and DeepSeekMoE inside the model
-class MoE(nn.Module):
+class MoE(FP32Buffers):
     """DeepSeekMoE layer: h + sum_shared FFN(h) + sum_i g_i FFN_i(h) (eq. 12; the residual is the Block's).
 
     In training mode the layer counts the tokens each expert received (``tokens_per_expert``)
     until ``update_bias`` consumes them, and keeps the last routing (``last_scores``,
     ``last_indices``) for the balance losses. In eval mode nothing is counted and the bias
-    never moves.
+    never moves. The count stays float32 in a bf16 model (``fp32_buffers``): bf16 counts
+    exactly only up to 256.
     """
 
-    def __init__(self, dim: int, moe_inter_dim: int, n_routed_experts: int, n_shared_experts: int, topk: int,
+    fp32_buffers = ("tokens_per_expert",)
+
+    def __init__(self, dim: int, *, moe_inter_dim: int, n_routed_experts: int, n_shared_experts: int, topk: int,
                  n_group: int = 1, topk_group: int = 1, route_scale: float = 1.0, score_func: str = "sigmoid",
                  normalize: bool = True, dispatch: str = "sorted") -> None:
         super().__init__()
         _check_moe_dims(n_routed_experts, topk, n_group, topk_group, dispatch)
         self.n_routed_experts, self.topk, self.dispatch = n_routed_experts, topk, dispatch
-        self.gate = Gate(dim, n_routed_experts, topk, n_group, topk_group, route_scale, score_func, normalize)
+        self.gate = Gate(dim, n_routed_experts, topk, n_group=n_group, topk_group=topk_group,
+                         route_scale=route_scale, score_func=score_func, normalize=normalize)
         self.experts = nn.ModuleList(MLP(dim, moe_inter_dim) for _ in range(n_routed_experts))
         self.shared_experts = MLP(dim, n_shared_experts * moe_inter_dim) if n_shared_experts > 0 else None
-        self.register_buffer("tokens_per_expert", torch.zeros(n_routed_experts), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.float32),
+                             persistent=False)
         self.last_scores: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
 
@@ -220,6 +235,16 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         return y.view(x.shape)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Router, routed and shared experts ~ N(0, std^2); the load count starts at 0."""
+        self.gate.init_weights(std, generator)
+        for expert in self.experts:
+            expert.init_weights(std, generator)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, generator)
+        self.tokens_per_expert.zero_()
 
     @torch.no_grad()
     def update_bias(self, gamma: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -221,6 +223,22 @@ def _checkpoint_dtype(raw: dict[str, Any]) -> torch.dtype:
     return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 
 
+def _fp8_block(raw: dict[str, Any], config_path: Path) -> tuple[int, int]:
+    """The FP8 block of ``quantization_config.weight_block_size`` (128 x 128 when absent)."""
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return FP8_BLOCK
+    if not isinstance(quant, dict):
+        raise ValueError(f"{config_path}: quantization_config ({quant!r}) must be an object, "
+                         'e.g. {"quant_method": "fp8", "weight_block_size": [128, 128]}')
+    block = quant.get("weight_block_size", list(FP8_BLOCK))
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"{config_path}: quantization_config.weight_block_size ({block!r}) must be "
+                         "two positive integers (rows, columns), e.g. [128, 128]")
+    return block[0], block[1]
+
+
 # ----------------------------------------------------------------------- loading
 def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", **overrides: Any) -> Transformer:
@@ -251,7 +269,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
     dtype = _checkpoint_dtype(raw) if dtype is None else dtype
     config, mtp_depth, permute_rope = _checkpoint_config(raw, f"config file {str(config_path)!r}", overrides)
     locations, where = _tensor_locations(directory)
-    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", FP8_BLOCK))
+    block = _fp8_block(raw, config_path)
 
     model = build_model(config, device="meta", dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:        # to_empty() made new parameters: tie the head again
@@ -469,7 +487,7 @@ def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str,
         if expert is None or layout == "per_expert":
             yield _hf_name(key), (lambda t=tensor: t), tensor.numel() * tensor.element_size()
         elif expert[2] == "0" and expert[3] == "w1":       # the layer's first expert: write the fused pair
-            moe, prefix = model.layers[int(expert[1])].ffn, f"model.layers.{expert[1]}.mlp.experts."
+            moe, prefix = model.layers[expert[1]].ffn, f"model.layers.{expert[1]}.mlp.experts."
             size = sum(p.numel() * p.element_size() for p in moe.experts.parameters())
             yield (prefix + "gate_up_proj",
                    lambda m=moe: torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in m.experts]),
@@ -492,7 +510,10 @@ def save_pretrained(model: Transformer, directory: str | Path, expert_layout: Ex
     ``"per_expert"`` writes the released names (what transformers itself saves, and what the
     official code and other runtimes read); ``"fused"`` writes transformers' in-memory 3-D
     tensors, built one shard at a time. Files of an earlier checkpoint in ``directory`` are
-    refused unless ``overwrite=True``, which removes them; other files (a tokenizer) are kept.
+    refused unless ``overwrite=True``, which replaces them; other files (a tokenizer) are kept.
+    Every file is written under a temporary name and renamed into place only once all are
+    written, so a failed save (a full disk, Ctrl-C) leaves the earlier checkpoint whole; its
+    files the new one does not reuse (other shards, the index) are deleted last.
     Returns the directory.
     """
     if not isinstance(model, Transformer):
@@ -501,6 +522,11 @@ def save_pretrained(model: Transformer, directory: str | Path, expert_layout: Ex
         raise ValueError(f"expert_layout ({expert_layout!r}) must be 'per_expert' or 'fused'")
     if not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise ValueError(f"max_shard_size ({max_shard_size!r}) must be a positive number of bytes")
+    if model.embed is None or model.head is None or len(model.layers) != model.config.num_hidden_layers:
+        raise ValueError(f"save_pretrained needs the whole model, got a pipeline stage holding layers "
+                         f"{list(model.layers)}{'' if model.embed is not None else ' without the embedding'}"
+                         f"{'' if model.head is not None else ' without the head'}; save each stage's "
+                         "state_dict() instead, or the model before cutting it")
     if model.embed.weight.is_meta:
         raise ValueError("the model is on the meta device: it has no weights to save")
     directory = Path(directory)
@@ -513,8 +539,6 @@ def save_pretrained(model: Transformer, directory: str | Path, expert_layout: Ex
                               "pass overwrite=True to replace it")
     config = hf_config_dict(model.config, model.embed.weight.dtype)
     directory.mkdir(parents=True, exist_ok=True)
-    for path in old:
-        path.unlink()
 
     shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
     shard_bytes, total = 0, 0
@@ -526,14 +550,37 @@ def save_pretrained(model: Transformer, directory: str | Path, expert_layout: Ex
         shard_bytes, total = shard_bytes + size, total + size
     names = [WEIGHTS_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for file, shard in zip(names, shards):
-        tensors = {name: make().detach().cpu().contiguous() for name, make in shard}
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-        del tensors
-    if len(shards) > 1:
-        (directory / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    written: dict[str, Path] = {}        # final name -> the temporary file holding it
+    try:
+        weight_map = {}
+        for file, shard in zip(names, shards):
+            tensors = {name: make().detach().cpu().contiguous() for name, make in shard}
+            written[file] = _temporary_file(directory, file)
+            save_file(tensors, str(written[file]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            del tensors
+        texts = {INDEX_FILE: json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                        indent=2) + "\n"} if len(shards) > 1 else {}
+        texts[CONFIG_FILE] = json.dumps(config, indent=2) + "\n"
+        for file, text in texts.items():
+            written[file] = _temporary_file(directory, file)
+            written[file].write_text(text)
+    except BaseException:                # the earlier checkpoint is untouched: drop the partial new one
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for file, tmp in written.items():    # config.json last: dict order
+        os.replace(tmp, directory / file)
+    for path in old:
+        if path.name not in written:
+            path.unlink()
     return directory
+
+
+def _temporary_file(directory: Path, name: str) -> Path:
+    """A unique hidden name in ``directory`` to write ``name`` under before renaming it.
+
+    Hidden and ending in ``.tmp``, so a leftover (a killed process) is never read as a
+    checkpoint file; unique per process and call, so two saves never write one file.
+    """
+    return directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

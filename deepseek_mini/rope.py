@@ -42,14 +42,16 @@ def rope_cos_sin(inv_freq: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, to
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each interleaved pair (x_2i, x_2i+1) of x (B, T, H, D) by its angle.
 
-    cos, sin: (T, D/2), the rows for the positions of x's T tokens.
+    cos, sin: (T, D/2), the rows for the positions of x's T tokens; or (B, T, D/2) when each
+    row has its own positions (a ragged batch).
     """
     expected = (x.shape[1], x.shape[-1] // 2)
-    if x.dim() != 4 or x.shape[-1] % 2 or tuple(cos.shape) != expected or tuple(sin.shape) != expected:
+    if (x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or tuple(cos.shape[-2:]) != expected
+            or tuple(cos.shape[:-2]) not in ((), (x.shape[0],))):
         raise ValueError(f"apply_rope: x (B, T, H, D) = {tuple(x.shape)} needs cos and sin of shape "
-                         f"(T, D/2) = {expected}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+                         f"(T, D/2) = {expected} or (B, T, D/2), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     x_hp = x.to(torch.promote_types(x.dtype, torch.float32))     # rotate in at least float32
     x0, x1 = rearrange(x_hp, "b t h (i two) -> two b t h i", two=2)
-    cos, sin = (rearrange(c, "t i -> t 1 i") for c in (cos, sin))
+    cos, sin = (rearrange(c, "... t i -> ... t 1 i") for c in (cos, sin))   # one angle for every head
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos))
     return rearrange(rotated, "two b t h i -> b t h (i two)").type_as(x)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from deepseek_mini.attention import Attention, KVCache, attention_reference, causal_mask
+from deepseek_mini.attention import (Attention, KVCache, attention_reference, cache_mask, causal_mask,
+                                     ragged_causal_mask)
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
 
@@ -214,3 +215,107 @@ def test_gradcheck_attention_float64():
     cos, sin = rope_for(4, 3, dtype=torch.float64)
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: attn(t, (cos, sin)), (x,))
+
+
+# ------------------------------------------------------------------ fused kernels, ragged batches
+
+def test_no_cache_uses_sdpa_is_causal_not_an_explicit_mask(monkeypatch):
+    # An explicit boolean mask rules out SDPA's flash kernels; without a cache the keys are the
+    # chunk's own tokens and is_causal=True says the same thing.
+    import torch.nn.functional as F
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal", False)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    attn = Attention(16, 2)
+    x = torch.randn(1, 4, 16)
+    attn(x, rope_for(8, 4))
+    attn(x, rope_for(8, 4, start=3), 3)                      # a chunk at start_pos 3, still no cache
+    assert calls == [(None, True), (None, True)]
+    attn(x, rope_for(8, 4), 0, attn.new_cache(1, 4))         # with a cache: the offset causal mask
+    assert calls[-1][0] is not None and calls[-1][1] is False
+
+
+def test_ragged_causal_mask_without_cache_hides_padding_keys():
+    # Row 0: 4 real tokens. Row 1: one left pad, then 3 real tokens.
+    positions = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 2]])
+    real = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    mask = ragged_causal_mask(positions, real)
+    assert mask.shape == (2, 1, 4, 4) and mask.dtype == torch.bool
+    assert torch.equal(mask[0, 0], causal_mask(4, 4))
+    expected = torch.tensor([[1, 0, 0, 0],      # the pad sees only itself: its softmax is not empty
+                             [0, 1, 0, 0],      # real tokens never see the pad
+                             [0, 1, 1, 0],
+                             [0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[1, 0], expected)
+    assert torch.equal(ragged_causal_mask(positions)[1, 0], causal_mask(4, 4))   # no padding: causal
+
+
+def test_ragged_causal_mask_with_cache_gives_each_row_its_own_length():
+    # Decoding one token per row, row 0 at position 2, row 1 at position 4, in a 6-slot cache.
+    mask = ragged_causal_mask(torch.tensor([[2], [4]]), kv_len=6)
+    assert mask.shape == (2, 1, 1, 6)
+    assert mask[:, 0, 0].int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    # A chunk's padding is masked where it is written (slots = its positions).
+    mask = ragged_causal_mask(torch.tensor([[0, 1, 2]]), torch.tensor([[True, True, False]]), kv_len=4)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    # cache_mask: an int start is causal_mask; per-row positions are ragged_causal_mask
+    assert torch.equal(cache_mask(3, 2, 5), causal_mask(2, 5, 3))
+    assert torch.equal(cache_mask(torch.tensor([[2], [4]]), 1, 6), ragged_causal_mask(torch.tensor([[2], [4]]), kv_len=6))
+
+
+def test_kvcache_update_with_per_row_positions_writes_each_row_at_its_slots():
+    cache = KVCache.empty(2, 1, 5, 3)
+    k, v = torch.randn(2, 1, 2, 3), torch.randn(2, 1, 2, 3)
+    keys, values = cache.update(k, v, torch.tensor([[0, 1], [3, 4]]))
+    assert keys.shape == (2, 1, 5, 3)                         # every slot: the mask hides the rest
+    assert torch.equal(cache.k[0, :, :2], k[0]) and torch.equal(cache.k[1, :, 3:], k[1])
+    assert torch.equal(cache.v[1, :, 3:], v[1]) and torch.all(cache.k[0, :, 2:] == 0)
+    assert torch.all(cache.k[1, :, :3] == 0)
+
+
+def test_left_padded_row_without_cache_equals_the_row_alone():
+    torch.manual_seed(7)
+    attn = Attention(32, 4, 2)
+    cos, sin = rope_for(8, 8)
+    x = torch.randn(1, 5, 32)
+    alone = attn(x, (cos[:5], sin[:5]))
+    padded = torch.cat([torch.randn(1, 3, 32), x], dim=1)            # 3 pads of junk on the left
+    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4]])
+    real = positions.new_ones(1, 8, dtype=torch.bool)
+    real[:, :3] = False
+    out = attn(padded, (cos[positions], sin[positions]), positions, None, ragged_causal_mask(positions, real))
+    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(out).all()                                  # the pads' own rows are not NaN
+
+
+@pytest.mark.parametrize("n_kv", [4, 1], ids=["mha", "mqa"])
+def test_rows_of_different_lengths_decode_together_as_if_alone(n_kv):
+    # Row 0 has 3 real tokens, row 1 has 6; right-padded prefill, then 3 decode steps with each
+    # row at its own position (per-row cache lengths). Every real output equals the row alone.
+    torch.manual_seed(8)
+    attn = Attention(32, 4, n_kv)
+    cos, sin = rope_for(8, 12)
+    lengths, steps = [3, 6], 3
+    rows = [torch.randn(1, n + steps, 32) for n in lengths]
+    alone = [attn(r, (cos[:r.shape[1]], sin[:r.shape[1]])) for r in rows]
+    width = max(lengths)
+    prefill = torch.zeros(2, width, 32)
+    for b, n in enumerate(lengths):
+        prefill[b, :n] = rows[b][0, :n]
+    positions = torch.arange(width).expand(2, width)
+    real = positions < torch.tensor(lengths)[:, None]
+    cache = attn.new_cache(2, width + steps)
+    out = attn(prefill, (cos[positions], sin[positions]), positions, cache,
+               ragged_causal_mask(positions, real, cache.max_len))
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b, :n], alone[b][0, :n], rtol=1e-5, atol=1e-6)
+    for i in range(steps):
+        pos = torch.tensor(lengths)[:, None] + i                         # (B, 1): each row's next position
+        x = torch.stack([rows[b][0, lengths[b] + i] for b in range(2)])[:, None]
+        out = attn(x, (cos[pos], sin[pos]), pos, cache)                  # the module builds the mask itself
+        for b in range(2):
+            torch.testing.assert_close(out[b, 0], alone[b][0, lengths[b] + i], rtol=1e-5, atol=1e-6)

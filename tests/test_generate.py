@@ -8,6 +8,7 @@ from torch import nn
 
 from deepseek_mini import build_model, load_config
 from deepseek_mini.generate import generate, sample_next_token, top_k_filter, top_p_filter
+from deepseek_mini.moe import moe_layers
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
@@ -189,12 +190,105 @@ def test_max_new_tokens_zero_returns_the_prompt(model):
     (torch.tensor([[1.0, 2.0]]), r"int64.*float32"),
     (torch.tensor([1, 2, 3]), r"\(batch, length\).*\(3,\)"),
     (torch.zeros(1, 2, 3, dtype=torch.long), r"\(batch, length\)"),
-], ids=["float", "1d", "3d"])
+    ([], r"list of non-empty 1-D int64 tensors; the list is empty"),
+    ([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], r"item 1 is not"),
+    ([torch.tensor([1, 2]), torch.tensor([[3]])], r"item 1 is not"),
+    ([torch.tensor([1.0])], r"item 0 is not"),
+    (torch.tensor([[1, 260]]), r"vocab_size=260\), got min 1, max 260"),
+    ([torch.tensor([5]), torch.tensor([-1, 2])], r"vocab_size=260\), got min -1"),
+], ids=["float", "1d", "3d", "empty_list", "empty_prompt", "2d_item", "float_item", "id_too_big", "negative_id"])
 def test_bad_prompt_raises(model, prompt, pattern):
     with pytest.raises(ValueError, match=pattern):
         generate(model, prompt, 3)
 
 
 def test_generation_beyond_the_context_raises(model):
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+    with pytest.raises(ValueError, match=r"prompt length \(60\) \+ max_new_tokens \(10\) exceeds max_position_embeddings \(64\)"):
         generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match=r"prompt length \(60\)"):
+        generate(model, [torch.zeros(3, dtype=torch.long), torch.zeros(60, dtype=torch.long)], 10)
+
+
+# ------------------------------------------------------------------ ragged batches, log-probs, mode
+@pytest.fixture(scope="module")
+def toy():
+    """The toy preset (MLA + DeepSeekMoE) with fewer positions: what GRPO will sample from."""
+    return build_model(load_config("toy", max_position_embeddings=64), seed=0).eval()
+
+
+RAGGED = [[257, 49, 50, 43], [257, 115, 111, 114, 116, 58, 32, 57, 32, 52], [257], [257, 116, 104, 101, 32]]
+
+
+@pytest.mark.parametrize("name", ["toy", "dense"])
+def test_greedy_ragged_batch_equals_each_prompt_alone(name, toy, model):
+    # Right-padded into one batch, each row at its own positions and cache slots: greedy output
+    # and log-probs equal each prompt generated alone. MoE layers see other rows' tokens in the
+    # same dispatch call, which changes no row's math.
+    m = toy if name == "toy" else model
+    prompts = [torch.tensor(p) for p in RAGGED]
+    batched, logps = generate(m, prompts, 8, temperature=0, return_logprobs=True)
+    assert isinstance(batched, list) and [len(s) for s in batched] == [len(p) + 8 for p in prompts]
+    for prompt, seq, lp in zip(prompts, batched, logps):
+        alone, alone_lp = generate(m, [prompt], 8, temperature=0, return_logprobs=True)
+        assert torch.equal(seq, alone[0]) and torch.equal(seq[:len(prompt)], prompt)
+        torch.testing.assert_close(lp, alone_lp[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(seq, generate(m, prompt[None], 8, temperature=0)[0])   # the (B, T) path agrees
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_returned_logprobs_equal_a_full_forward(toy, temperature):
+    prompts = [torch.tensor(p) for p in RAGGED]
+    seqs, logps = generate(toy, prompts, 6, temperature=temperature, top_k=20, seed=0, return_logprobs=True)
+    for prompt, seq, lp in zip(prompts, seqs, logps):
+        with torch.no_grad():
+            full = toy(seq[None])[0].float().log_softmax(-1)           # the model's own distribution
+        n = len(prompt)
+        expected = full[n - 1:-1].gather(1, seq[n:, None])[:, 0]
+        assert lp.shape == (len(seq) - n,)
+        torch.testing.assert_close(lp, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_logprobs_of_the_tensor_path_and_after_a_stop():
+    STOP = 9
+    script = [[3, STOP, 1, 1], [1, 2, 3, 4]]
+    out, logps = generate(Scripted(script), torch.tensor([[0], [0]]), 4, temperature=0, stop_token=STOP,
+                          return_logprobs=True)
+    assert out.tolist() == [[0, 3, STOP, STOP, STOP], [0, 1, 2, 3, 4]]
+    assert logps.shape == (2, 4) and torch.all(logps[0, 2:] == 0.0)      # padding after a stop is certain
+    expected = torch.tensor([10.0] + [0.0] * 9).log_softmax(-1)[0]         # one-hot logits of 10
+    torch.testing.assert_close(logps[1], expected.expand(4))
+
+
+def test_ragged_rows_end_at_their_own_stop_token():
+    m = build_model(load_config("toy-dense", **TINY), seed=0).eval()
+    with torch.no_grad():
+        m.head.weight.zero_()
+    bias = torch.zeros(260)
+    bias[258] = 1.0
+    m.head = nn.Sequential(m.head, _AddBias(bias))
+    seqs = generate(m, [torch.tensor([1, 2, 3]), torch.tensor([4])], 5, temperature=0, stop_token=258)
+    assert [s.tolist() for s in seqs] == [[1, 2, 3, 258], [4, 258]]
+
+
+def test_generate_restores_training_mode_so_moe_keeps_counting():
+    m = build_model(load_config("toy", max_position_embeddings=64), seed=0).train()
+    generate(m, torch.tensor([[257, 1, 2]]), 3, temperature=0)
+    assert m.training and all(layer.training for layer in m.modules())
+    assert all(layer.tokens_per_expert.sum() == 0 for layer in moe_layers(m))    # generation counted nothing
+    m(torch.tensor([[257, 1, 2]]))
+    assert all(layer.tokens_per_expert.sum() == 3 * 4 for layer in moe_layers(m))  # training counts again
+    m.eval()
+    generate(m, [torch.tensor([257, 1])], 2, temperature=0)
+    assert not m.training
+
+
+def test_generate_restores_training_mode_on_error():
+    class Broken(Scripted):
+        def forward(self, tokens, start_pos=0, cache=None):
+            assert not self.training
+            raise RuntimeError("boom")
+
+    m = Broken([[1]]).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(m, torch.tensor([[0]]), 3)
+    assert m.training

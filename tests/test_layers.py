@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_mini.attention import Attention
-from deepseek_mini.layers import MLP, Block, RMSNorm
+from deepseek_mini.layers import MLP, Block, RMSNorm, init_linear
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
 
@@ -46,12 +46,12 @@ def test_rmsnorm_matches_torch_rms_norm():
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_rmsnorm_starts_with_unit_gain_and_reset_restores_it():
+def test_rmsnorm_starts_with_unit_gain_and_init_weights_restores_it():
     norm = RMSNorm(6)
     assert torch.equal(norm.weight.detach(), torch.ones(6))
     with torch.no_grad():
         norm.weight.mul_(3)
-    norm.reset_parameters()
+    norm.init_weights(0.02, torch.Generator().manual_seed(0))
     assert torch.equal(norm.weight.detach(), torch.ones(6))
     assert norm.eps == 1e-6
 
@@ -146,18 +146,48 @@ def test_block_is_prenorm_residual_by_hand():
     torch.testing.assert_close(block(x, rope), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_block_passes_start_pos_and_cache_to_attention():
+def test_block_passes_start_pos_cache_and_mask_to_attention():
     calls = []
 
     class Spy(torch.nn.Module):
-        def forward(self, x, rope, start_pos, cache):
-            calls.append((rope, start_pos, cache))
+        def forward(self, x, rope, start_pos, cache, mask):
+            calls.append((rope, start_pos, cache, mask))
             return torch.zeros_like(x)
 
     block = Block(Spy(), torch.nn.Identity(), 4)
     x = torch.randn(1, 2, 4)
-    sentinel = object()
-    out = block(x, ("cos", "sin"), 7, sentinel)
-    assert calls == [(("cos", "sin"), 7, sentinel)]
+    sentinel, mask = object(), object()
+    out = block(x, ("cos", "sin"), 7, sentinel, mask)
+    assert calls == [(("cos", "sin"), 7, sentinel, mask)]
     # attn adds 0; ffn = identity adds norm(x), with unit gains
     torch.testing.assert_close(out, x + x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_init_weights_of_each_module_draws_normal_weights_and_zero_biases():
+    # Each module initialises its own weights: an MLP and a block need no model around them.
+    torch.manual_seed(0)
+    mlp = MLP(64, 256)
+    block = Block(Attention(64, 4, bias=True), MLP(64, 256), 64)
+    with torch.no_grad():
+        for p in [*mlp.parameters(), *block.parameters()]:
+            p.fill_(7.0)
+    mlp.init_weights(0.05, torch.Generator().manual_seed(0))
+    block.init_weights(0.05, torch.Generator().manual_seed(0))
+    for name, p in [*mlp.named_parameters(), *block.named_parameters()]:
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert p.std().item() == pytest.approx(0.05, rel=0.1) and abs(p.mean().item()) < 0.01, name
+    again = MLP(64, 256)
+    again.init_weights(0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(again.w1.weight, mlp.w1.weight)           # seeded: reproducible
+
+
+def test_init_linear_draws_from_the_generator_only():
+    lin = torch.nn.Linear(8, 8)
+    state = torch.get_rng_state()
+    init_linear(lin, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(lin.bias, torch.zeros(8))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepseek_mini import build_model, load_config
-from deepseek_mini.attention import KVCache
+from deepseek_mini.attention import KVCache, ragged_causal_mask
 from deepseek_mini.generate import generate
 from deepseek_mini.mla import MLA, LatentCache, absorbed_attention, naive_attention
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
@@ -41,7 +41,8 @@ def make_mla(q_lora_rank=None, attn_impl="absorb", seed=0, dims=(DIM, H, KV, DN,
     """An MLA with weights ~ N(0, 1/fan_in) and random norm gains, so scores are O(1) and
     every weight (norm gains included) visibly changes the output."""
     dim, h, kv, dn, dr, dv = dims
-    mla = MLA(dim, h, kv, q_lora_rank, dn, dr, dv, attn_impl=attn_impl)
+    mla = MLA(dim, h, kv_lora_rank=kv, q_lora_rank=q_lora_rank, qk_nope_head_dim=dn, qk_rope_head_dim=dr,
+              v_head_dim=dv, attn_impl=attn_impl)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in mla.named_parameters():
@@ -55,7 +56,8 @@ def make_mla(q_lora_rank=None, attn_impl="absorb", seed=0, dims=(DIM, H, KV, DN,
 def twin(mla: MLA, attn_impl: str) -> MLA:
     """The same weights under the other attn_impl (load_state_dict, not a shared seed)."""
     q_lora = mla.wq_a.out_features if hasattr(mla, "wq_a") else None
-    other = MLA(DIM, H, KV, q_lora, DN, DR, DV, attn_impl=attn_impl)
+    other = MLA(DIM, H, kv_lora_rank=KV, q_lora_rank=q_lora, qk_nope_head_dim=DN, qk_rope_head_dim=DR,
+                v_head_dim=DV, attn_impl=attn_impl)
     other.load_state_dict(mla.state_dict())
     return other
 
@@ -295,10 +297,10 @@ def test_whole_model_cache_types_and_sizes(impl):
     config = load_config("toy-mla", attn_impl=impl)
     model = build_model(config, seed=0)
     caches = model.new_cache(2, 16)
-    assert len(caches) == config.num_hidden_layers == 4
+    assert list(caches) == ["0", "1", "2", "3"] and config.num_hidden_layers == 4
     h, dc, dr = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
     dn, dv = config.qk_nope_head_dim, config.v_head_dim
-    for cache in caches:
+    for cache in caches.values():
         if impl == "absorb":
             assert type(cache) is LatentCache
             assert cache.c_kv.shape == (2, 16, dc) and cache.k_rope.shape == (2, 16, dr)
@@ -413,8 +415,9 @@ def test_config_rejects_bad_mla_fields():
 def v3_layer() -> MLA:
     c = load_config("deepseek-v3")
     with torch.device("meta"):
-        return MLA(c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.q_lora_rank, c.qk_nope_head_dim,
-                   c.qk_rope_head_dim, c.v_head_dim, c.rms_norm_eps, c.attn_impl)
+        return MLA(c.hidden_size, c.num_attention_heads, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
+                   qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                   v_head_dim=c.v_head_dim, eps=c.rms_norm_eps, attn_impl=c.attn_impl)
 
 
 def test_deepseek_v3_mla_layer_shapes_and_parameter_count():
@@ -444,7 +447,8 @@ def test_deepseek_v3_latent_cache_is_70272_bytes_per_token():
     assert per_layer == 576 * 2
     assert 61 * per_layer == 70_272
     with torch.device("meta"):
-        naive = MLA(7168, 128, 512, 1536, 128, 64, 128, attn_impl="naive")
+        naive = MLA(7168, 128, kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                    v_head_dim=128, attn_impl="naive")
     nc = naive.new_cache(1, 1, device="meta", dtype=torch.bfloat16)
     assert cache_values_per_token(nc) == 128 * 192 + 128 * 128 == 40_960
     assert round(40_960 / 576, 1) == 71.1                  # "about 71x more"
@@ -461,8 +465,8 @@ def models():
 
 def test_whole_model_is_mla_and_paths_give_the_same_logits(models):
     absorb, naive = models
-    assert all(isinstance(b.attn, MLA) and b.attn.attn_impl == "absorb" for b in absorb.layers)
-    assert all(b.attn.attn_impl == "naive" for b in naive.layers)
+    assert all(isinstance(b.attn, MLA) and b.attn.attn_impl == "absorb" for b in absorb.layers.values())
+    assert all(b.attn.attn_impl == "naive" for b in naive.layers.values())
     assert absorb.rope_cos.shape == (512, 8)                 # d_h^R = 16 -> 8 pairs
     torch.manual_seed(14)
     tokens = torch.randint(0, 260, (2, 20))
@@ -507,3 +511,87 @@ def test_generate_greedy_is_identical_for_both_paths(models):
     n = generate(naive, prompt, max_new_tokens=12, temperature=0)
     assert a.shape == (2, 16) and torch.equal(a[:, :4], prompt)
     assert torch.equal(a, n)
+
+
+# ------------------------------------------------------------------ keywords, kernels, ragged batches
+def test_mla_sizes_are_keyword_arguments():
+    # Nine positional scalars were easy to swap silently (d_h and d_h^R are both small ints).
+    with pytest.raises(TypeError):
+        MLA(DIM, H, KV, None, DN, DR, DV)
+    assert MLA(DIM, H, kv_lora_rank=KV).kv_lora_rank == KV
+
+
+def test_naive_path_without_cache_lets_sdpa_pick_a_causal_kernel(monkeypatch):
+    import torch.nn.functional as F
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal", False)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    mla = make_mla(None, "naive")
+    mla(torch.randn(1, 5, DIM), rope_for(5))
+    assert calls == [(None, True)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mla_rows_of_different_lengths_decode_together_as_if_alone(impl):
+    # Right-padded prefill of rows with 2 and 5 real tokens, then decode steps with per-row
+    # positions: each row writes its own cache slots (per-row cache lengths), on both paths.
+    torch.manual_seed(21)
+    mla = make_mla(24, impl, seed=21)
+    lengths, steps, width = [2, 5], 3, 5
+    cos, sin = rope_for(width + steps)
+    rows = [torch.randn(1, n + steps, DIM) for n in lengths]
+    alone = [mla(r, (cos[:r.shape[1]], sin[:r.shape[1]])) for r in rows]
+    prefill = torch.zeros(2, width, DIM)
+    for b, n in enumerate(lengths):
+        prefill[b, :n] = rows[b][0, :n]
+    positions = torch.arange(width).expand(2, width)
+    cache = mla.new_cache(2, width + steps)
+    mask = ragged_causal_mask(positions, positions < torch.tensor(lengths)[:, None], cache.max_len)
+    out = mla(prefill, (cos[positions], sin[positions]), positions, cache, mask)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b, :n], alone[b][0, :n], rtol=1e-5, atol=1e-5)
+    for i in range(steps):
+        pos = torch.tensor(lengths)[:, None] + i
+        x = torch.stack([rows[b][0, lengths[b] + i] for b in range(2)])[:, None]
+        out = mla(x, (cos[pos], sin[pos]), pos, cache)
+        for b in range(2):
+            torch.testing.assert_close(out[b, 0], alone[b][0, lengths[b] + i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mla_left_padding_without_cache_is_masked(impl):
+    torch.manual_seed(22)
+    mla = make_mla(None, impl, seed=22)
+    cos, sin = rope_for(6)
+    x = torch.randn(1, 4, DIM)
+    alone = mla(x, (cos[:4], sin[:4]))
+    padded = torch.cat([torch.randn(1, 2, DIM), x], dim=1)
+    positions = torch.tensor([[0, 0, 0, 1, 2, 3]])
+    real = torch.tensor([[False, False, True, True, True, True]])
+    out = mla(padded, (cos[positions], sin[positions]), positions, None, ragged_causal_mask(positions, real))
+    torch.testing.assert_close(out[:, 2:], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_latent_cache_update_with_per_row_positions():
+    cache = LatentCache.empty(2, 5, KV, DR)
+    c_kv, k_rope = torch.randn(2, 1, KV), torch.randn(2, 1, DR)
+    got_c, got_r = cache.update(c_kv, k_rope, torch.tensor([[1], [4]]))
+    assert got_c.shape == (2, 5, KV) and got_r.shape == (2, 5, DR)
+    assert torch.equal(cache.c_kv[0, 1], c_kv[0, 0]) and torch.equal(cache.k_rope[1, 4], k_rope[1, 0])
+    assert cache.c_kv[0, [0, 2, 3, 4]].abs().sum() == 0 and cache.c_kv[1, :4].abs().sum() == 0
+
+
+@pytest.mark.parametrize("q_lora", Q_LORA, ids=["no_q_lora", "q_lora"])
+def test_mla_init_weights_initialises_every_projection_and_norm(q_lora):
+    mla = make_mla(q_lora)
+    mla.init_weights(0.02, torch.Generator().manual_seed(0))
+    for name, p in mla.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert 0.01 < p.std().item() < 0.03 and abs(p.mean().item()) < 0.01, name

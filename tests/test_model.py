@@ -14,7 +14,7 @@ from deepseek_mini import build_model, count_parameters, load_config
 from deepseek_mini.config import METADATA_FIELDS, ModelConfig
 from deepseek_mini.attention import Attention
 from deepseek_mini.layers import MLP, RMSNorm
-from deepseek_mini.model import Transformer
+from deepseek_mini.model import Transformer, check_tokens
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
@@ -41,7 +41,8 @@ def test_logits_shape_and_dtype(model):
 
 def test_structure_follows_the_config(model):
     assert len(model.layers) == 2
-    assert all(isinstance(b.attn, Attention) and isinstance(b.ffn, MLP) for b in model.layers)
+    assert list(model.layers) == ["0", "1"]                        # keyed by layer id
+    assert all(isinstance(b.attn, Attention) and isinstance(b.ffn, MLP) for b in model.layers.values())
     assert isinstance(model.norm, RMSNorm)
     assert model.embed.weight.shape == (260, 32) and model.head.weight.shape == (260, 32)
     assert model.rope_cos.shape == model.rope_sin.shape == (64, 4)   # head_dim 8 -> 4 pairs
@@ -109,7 +110,7 @@ def test_moe_layers_from_first_k_dense_replace():
     config = load_config("toy-dense", **TINY, n_routed_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=16, first_k_dense_replace=1)
     m = build_model(config, device="meta")
-    assert [type(layer.ffn) for layer in m.layers] == [MLP, MoE]
+    assert [type(layer.ffn) for layer in m.layers.values()] == [MLP, MoE]
     count = count_parameters(m)    # 2 of 4 routed experts (3 * 32 * 16 weights each) idle per token
     assert count.total - count.activated == 2 * 3 * 32 * 16
 
@@ -118,7 +119,7 @@ def test_build_model_accepts_dtype():
     m = build_model(load_config("toy-dense", **TINY), seed=0, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert m(torch.randint(0, 260, (1, 4))).dtype == torch.bfloat16
-    assert m.new_cache(1, 8)[0].k.dtype == torch.bfloat16
+    assert m.new_cache(1, 8)["0"].k.dtype == torch.bfloat16
 
 
 def test_whole_model_is_causal(model):
@@ -148,8 +149,8 @@ def test_cached_decode_equals_full_forward(model, prefill):
 
 def test_new_cache_shape_and_limits(model):
     cache = model.new_cache(3, 20)
-    assert len(cache) == 2 and cache[0].k.shape == (3, 4, 20, 8)
-    assert model.new_cache(1)[0].max_len == 64
+    assert list(cache) == ["0", "1"] and cache["0"].k.shape == (3, 4, 20, 8)
+    assert model.new_cache(1)["0"].max_len == 64
     for bad in (0, 65):
         with pytest.raises(ValueError, match=rf"max_len \({bad}\).*max_position_embeddings=64"):
             model.new_cache(1, bad)
@@ -199,10 +200,8 @@ def test_init_weights_resets_norm_gains():
     (lambda: torch.zeros(1, 2, 3, dtype=torch.long), r"\(batch, seq_len\)"),
     (lambda: torch.zeros(1, 4, dtype=torch.int32), r"int64.*int32"),
     (lambda: [[1, 2, 3]], r"\(batch, seq_len\).*list"),
-    (lambda: torch.tensor([[1, 260]]), r"vocab_size=260.*max 260"),
-    (lambda: torch.tensor([[-1, 3]]), r"vocab_size=260.*min -1"),
     (lambda: torch.zeros(1, 65, dtype=torch.long), r"max_position_embeddings \(64\)"),
-], ids=["float", "1d", "3d", "int32", "list", "id_too_big", "negative_id", "too_long"])
+], ids=["float", "1d", "3d", "int32", "list", "too_long"])
 def test_invalid_tokens_raise_helpfully(model, make_tokens, pattern):
     with pytest.raises(ValueError, match=pattern):
         model(make_tokens())
@@ -217,10 +216,48 @@ def test_positions_beyond_max_position_embeddings_raise(model):
         model(torch.zeros(1, 1, dtype=torch.long), -1)
 
 
-def test_wrong_cache_length_raises(model):
+def test_wrong_cache_raises(model):
     cache = model.new_cache(1, 8)
-    with pytest.raises(ValueError, match=r"cache has 1 layers, the model 2.*new_cache"):
-        model(torch.zeros(1, 2, dtype=torch.long), 0, cache[:1])
+    del cache["1"]
+    with pytest.raises(ValueError, match=r"cache holds layers \['0'\], the model \['0', '1'\].*new_cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), 0, cache)
+    with pytest.raises(ValueError, match=r"cache holds layers list.*new_cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), 0, list(model.new_cache(1, 8).values()))
+
+
+@pytest.mark.parametrize("tokens,pattern", [
+    (torch.tensor([[1, 260]]), r"vocab_size=260\), got min 1, max 260"),
+    (torch.tensor([[-1, 3]]), r"vocab_size=260\), got min -1, max 3"),
+    (torch.tensor([[1.0, 2.0]]), r"integer tensor, got torch.float32"),
+], ids=["id_too_big", "negative_id", "float"])
+def test_check_tokens_raises_one_line_errors(tokens, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        check_tokens(tokens, 260)
+    check_tokens(torch.tensor([[0, 259]]), 260)               # the whole range is fine
+    check_tokens(torch.zeros(2, 3, dtype=torch.long, device="meta"), 260)   # meta: shapes only
+
+
+def test_forward_never_reads_token_values(model):
+    # Reading ids back (min/max, .item(), int()) waits for the GPU on every decoded token: the
+    # forward must issue no such read (aten._local_scalar_dense), prefill or decode, and leave
+    # range checks to check_tokens at the entry points.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cache = model.new_cache(1, 8)
+    with torch.no_grad(), Reads() as reads:
+        model(torch.tensor([[3, 4, 5]]), 0, cache)
+        model(torch.tensor([[6]]), 3, cache)
+    assert reads.ops and not [op for op in reads.ops if "_local_scalar_dense" in op or op.startswith("aten.min")
+                              or op.startswith("aten.max")]
 
 
 def test_build_model_from_preset_name_and_transformer_class():
@@ -270,7 +307,7 @@ def _fingerprint(config_json: str) -> tuple:
     with torch.no_grad():
         logits = model(tokens)
     caches = [(type(c).__name__, [tuple(t.shape) for t in vars(c).values() if isinstance(t, torch.Tensor)])
-              for c in model.new_cache(1, 4)]
+              for c in model.new_cache(1, 4).values()]
     return ([(n, tuple(p.shape)) for n, p in model.named_parameters()],
             [(n, tuple(b.shape)) for n, b in model.named_buffers()], caches, logits)
 
@@ -344,3 +381,92 @@ def test_deepseek_v3_preset_keeps_official_values_and_build_model_names_both_cha
     # What the error says to change is enough to build (checked on a 4-layer V3, one MoE layer, for speed).
     small = v3.replace(num_hidden_layers=4, rope_scaling=None, num_nextn_predict_layers=0)
     assert build_model(small, device="meta").config == small
+
+
+# ------------------------------------------------------------------ per-module init, dtype policy
+def _old_central_init(model: Transformer, generator: torch.Generator) -> None:
+    """The central isinstance switch init_weights replaced: one walk over model.modules()."""
+    from deepseek_mini.moe import Gate, MoE
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                torch.nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                module.weight.normal_(0.0, std, generator=generator)
+                module.bias.zero_()
+            elif isinstance(module, MoE):
+                module.tokens_per_expert.zero_()
+
+
+@pytest.mark.parametrize("preset", ["toy", "toy-dense", "toy-mla"])
+def test_per_module_init_draws_what_the_central_switch_drew(preset):
+    # Same numbers, in the same order: seeded models (and the notebooks' trained results) are unchanged.
+    config = load_config(preset, num_hidden_layers=2, attention_bias=preset == "toy-dense")
+    new = build_model(config, seed=3)
+    old = build_model(config, device="meta").to_empty(device="cpu")
+    _old_central_init(old, torch.Generator().manual_seed(3))
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert all(torch.equal(new_state[k], old_state[k]) for k in new_state)
+
+
+def test_model_cast_keeps_rope_tables_fp32_without_fix_ups(model):
+    m = build_model(load_config("toy-dense", **TINY), seed=0)
+    m.to(torch.bfloat16)                                        # plain .to(), not build_model(dtype=)
+    assert m.embed.weight.dtype == torch.bfloat16
+    assert m.rope_cos.dtype == m.rope_sin.dtype == torch.float32
+    assert torch.equal(m.rope_cos, model.rope_cos)
+
+
+# ------------------------------------------------------------------ ragged batches in the model
+def test_left_padded_rows_without_cache_equal_each_row_alone(model):
+    # Training-style scoring of a left-padded batch (GRPO's layout): positions restart at each
+    # row's first real token, and padding_mask hides the pads.
+    torch.manual_seed(3)
+    rows = [torch.randint(0, 260, (n,)) for n in (7, 4, 1)]
+    width = 7
+    tokens = torch.zeros(3, width, dtype=torch.long)
+    real = torch.zeros(3, width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        tokens[b, width - len(row):], real[b, width - len(row):] = row, True
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(tokens, positions=positions, padding_mask=real)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(out[b, width - len(row):], model(row[None])[0], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_rows_verify_several_tokens_at_their_own_cache_lengths(model):
+    # Speculative decoding (chapter 04): after a ragged prefill each row checks 3 drafted tokens
+    # from its own length in one forward; every row's logits equal a full forward of that row.
+    torch.manual_seed(4)
+    lengths, drafts = [5, 9], 3
+    rows = [torch.randint(0, 260, (n + drafts,)) for n in lengths]
+    cache = model.new_cache(2, 16)
+    prefill = torch.zeros(2, max(lengths), dtype=torch.long)
+    for b, (row, n) in enumerate(zip(rows, lengths)):
+        prefill[b, :n] = row[:n]
+    positions = torch.arange(max(lengths)).expand(2, -1)
+    with torch.no_grad():
+        model(prefill, cache=cache, positions=positions, padding_mask=positions < torch.tensor(lengths)[:, None])
+        verify = torch.stack([row[n:] for row, n in zip(rows, lengths)])
+        at = torch.tensor(lengths)[:, None] + torch.arange(drafts)
+        out = model(verify, cache=cache, positions=at)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            torch.testing.assert_close(out[b], model(row[None])[0, n:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(positions=torch.zeros(2, 3, dtype=torch.long)), r"positions must be a \(1, 4\) torch.int64"),
+    (dict(positions=torch.zeros(1, 4)), r"positions must be a \(1, 4\) torch.int64 .*got \(1, 4\) torch.float32"),
+    (dict(padding_mask=torch.ones(1, 4)), r"padding_mask must be a \(1, 4\) torch.bool"),
+    (dict(start_pos=torch.tensor(2)), r"start_pos must be an int, got Tensor; pass per-row positions"),
+], ids=["positions_shape", "positions_dtype", "mask_dtype", "tensor_start_pos"])
+def test_ragged_arguments_are_checked(model, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        model(torch.zeros(1, 4, dtype=torch.long), **kwargs)

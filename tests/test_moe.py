@@ -36,7 +36,8 @@ def make_moe(dim=8, inter=6, n_experts=8, n_shared=1, topk=2, n_group=1, topk_gr
     """An MoE whose every weight (gate centroids included) is ~ N(0, 1/fan_in), so affinities
     spread over (0, 1) and every expert visibly changes the output."""
     torch.manual_seed(seed)
-    moe = MoE(dim, inter, n_experts, n_shared, topk, n_group, topk_group, route_scale, dispatch=dispatch)
+    moe = MoE(dim, moe_inter_dim=inter, n_routed_experts=n_experts, n_shared_experts=n_shared, topk=topk,
+              n_group=n_group, topk_group=topk_group, route_scale=route_scale, dispatch=dispatch)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in moe.parameters():
@@ -265,6 +266,45 @@ def test_build_model_zeroes_bias_and_token_counter():
     assert layer.gate.weight.std().item() == pytest.approx(0.02, rel=0.2)
 
 
+def test_moe_and_gate_initialise_themselves():
+    moe = make_moe(dim=32, inter=16, n_experts=8, n_shared=1)
+    with torch.no_grad():
+        moe.tokens_per_expert.fill_(5.0)
+        moe.gate.bias.fill_(0.3)
+    moe.init_weights(0.02, torch.Generator().manual_seed(0))
+    assert torch.equal(moe.tokens_per_expert, torch.zeros(8)) and torch.equal(moe.gate.bias, torch.zeros(8))
+    for name, p in moe.named_parameters():                # router, routed and shared experts
+        assert p.std().item() == pytest.approx(0.02, rel=0.25) and abs(p.mean().item()) < 0.005, name
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.bfloat16(),
+                                  lambda m: m.double(), lambda m: m.to("cpu", torch.float16)],
+                         ids=["to_bf16", "half", "bfloat16", "double", "to_device_and_dtype"])
+def test_plain_casts_keep_the_router_bias_and_load_count_fp32_and_exact(cast):
+    # The dtype policy (deepseek_mini.precision): no fix-up after .to(); the values are never
+    # rounded through the low precision either (0.001 * 3 and 257 are not representable in bf16).
+    model = tiny_moe_model()
+    layer = moe_layers(model)[0]
+    with torch.no_grad():
+        layer.gate.bias.copy_(torch.arange(8) * 0.001 * 3 + 0.5)
+        layer.tokens_per_expert.fill_(257.0)
+    bias, count = layer.gate.bias.clone(), layer.tokens_per_expert.clone()
+    model = cast(model)
+    layer = moe_layers(model)[0]
+    assert layer.gate.weight.dtype != torch.float32                      # the parameters were cast
+    assert layer.gate.bias.dtype == layer.tokens_per_expert.dtype == torch.float32
+    assert torch.equal(layer.gate.bias, bias) and torch.equal(layer.tokens_per_expert, count)
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32   # RoPE angles too
+    model.train()(torch.randint(0, 260, (1, 4)))                        # and the model still runs
+
+
+def test_moe_sizes_are_keyword_arguments():
+    with pytest.raises(TypeError):
+        MoE(8, 6, 8, 1, 3)
+    with pytest.raises(TypeError):
+        Gate(8, 8, 2, 4, 2)                               # n_group and topk_group by name
+
+
 # ----------------------------------------------------------------------------- 5. the bias update
 def test_update_bias_hand_values():
     bias = torch.tensor([0.5, -0.25, 1.0, 0.0, 0.0])
@@ -458,7 +498,8 @@ def test_gradcheck_dispatch_float64():
 def test_moe_module_naive_and_sorted_agree_with_shared_experts():
     sorted_moe = make_moe(dim=8, inter=6, n_experts=8, n_shared=1, topk=3, n_group=4, topk_group=2,
                           route_scale=2.5, seed=1)
-    naive_moe = MoE(8, 6, 8, 1, 3, 4, 2, 2.5, dispatch="naive")
+    naive_moe = MoE(8, moe_inter_dim=6, n_routed_experts=8, n_shared_experts=1, topk=3, n_group=4, topk_group=2,
+                    route_scale=2.5, dispatch="naive")
     naive_moe.load_state_dict(sorted_moe.state_dict())
     x0 = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
     outs = []
@@ -676,9 +717,9 @@ def test_toy_preset_is_mla_plus_moe_from_first_k_dense_replace():
     config = load_config("toy")
     model = build_model(config, device="meta")
     assert config.first_k_dense_replace == 1
-    assert all(isinstance(layer.attn, MLA) for layer in model.layers)
-    assert [type(layer.ffn) for layer in model.layers] == [MLP, MoE, MoE, MoE]
-    moe = model.layers[1].ffn
+    assert all(isinstance(layer.attn, MLA) for layer in model.layers.values())
+    assert [type(layer.ffn) for layer in model.layers.values()] == [MLP, MoE, MoE, MoE]
+    moe = model.layers["1"].ffn
     assert len(moe.experts) == 16 and moe.topk == 4 and moe.gate.n_group == 4 and moe.gate.topk_group == 2
     assert moe.gate.route_scale == 2.5 and moe.shared_experts.w1.weight.shape == (64, 128)
 

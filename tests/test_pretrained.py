@@ -10,15 +10,19 @@ safetensors: both expert layouts, shards, FP8 blocks, the MTP layer and every er
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import deepseek_mini.pretrained as pretrained
 from deepseek_mini import build_model, from_pretrained, load_config, save_pretrained
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import cut
 from deepseek_mini.pretrained import (
     INDEX_FILE, WEIGHTS_FILE, dequantize_fp8_blockwise, hf_config_dict,
 )
@@ -125,7 +129,7 @@ def test_logits_match_transformers(hf_model, hf_dir, fused_dir, attn_impl, layou
         assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()
     model = from_pretrained(hf_dir if layout == "per_expert" else fused_dir, attn_impl=attn_impl)
     assert model.config.attn_impl == attn_impl and not model.training
-    assert model.layers[1].ffn.gate.bias.abs().min() > 0       # e_score_correction_bias arrived
+    assert model.layers["1"].ffn.gate.bias.abs().min() > 0       # e_score_correction_bias arrived
     torch.testing.assert_close(_logits(model), _hf_logits(hf_model), rtol=0, atol=1e-4)
 
 
@@ -158,7 +162,7 @@ def test_no_shared_expert_and_unnormalised_gates(tmp_path):
     hf = _hf_model(n_shared_experts=0, norm_topk_prob=False)
     hf.save_pretrained(tmp_path / "hf")
     model = from_pretrained(tmp_path / "hf")
-    assert model.layers[1].ffn.shared_experts is None and not model.config.norm_topk_prob
+    assert model.layers["1"].ffn.shared_experts is None and not model.config.norm_topk_prob
     torch.testing.assert_close(_logits(model), _hf_logits(hf), rtol=0, atol=1e-4)
     save_pretrained(model, tmp_path / "ours")
     reloaded, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
@@ -191,7 +195,7 @@ def test_round_trip_gives_identical_tensors(tmp_path, layout, dtype):
     save_pretrained(model, tmp_path, expert_layout=layout)
     loaded = from_pretrained(tmp_path)
     assert loaded.embed.weight.dtype == dtype                          # config.json records the dtype
-    assert loaded.layers[1].ffn.gate.bias.dtype == torch.float32       # the router bias stays FP32
+    assert loaded.layers["1"].ffn.gate.bias.dtype == torch.float32       # the router bias stays FP32
     _same_state(model, loaded)
     assert loaded.config == model.config
 
@@ -243,6 +247,37 @@ def test_save_refuses_an_existing_checkpoint_unless_overwrite(tmp_path):
     _same_state(model, from_pretrained(tmp_path))
 
 
+@pytest.mark.parametrize("failing_write", [1, 2, 3], ids=["first_shard", "second_shard", "last_shard"])
+def test_a_failed_overwrite_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch, failing_write):
+    # overwrite=True used to delete the old checkpoint first: a full disk lost both.
+    old = _our_model()
+    save_pretrained(old, tmp_path, max_shard_size=200_000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert INDEX_FILE in before and len(before) >= 5                # a sharded checkpoint
+    calls = []
+
+    def disk_fills_up(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == failing_write:
+            Path(filename).write_bytes(b"half a shard")
+            raise OSError(28, "No space left on device")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(pretrained, "save_file", disk_fills_up)
+    new = _our_model(dtype=torch.bfloat16)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pretrained(new, tmp_path, max_shard_size=200_000, overwrite=True)
+    assert len(calls) == failing_write
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before      # no temporary file left either
+    _same_state(old, from_pretrained(tmp_path))
+
+    monkeypatch.setattr(pretrained, "save_file", save_file)
+    save_pretrained(new, tmp_path, overwrite=True)                            # now one file: shards go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS_FILE, "tokenizer.json"]
+    _same_state(new, from_pretrained(tmp_path))
+
+
 def test_save_refuses_what_the_layout_cannot_describe(tmp_path):
     with pytest.raises(ValueError, match="Multi-head Latent Attention"):
         save_pretrained(_our_model("toy-dense"), tmp_path)
@@ -252,6 +287,17 @@ def test_save_refuses_what_the_layout_cannot_describe(tmp_path):
         save_pretrained(_our_model(), tmp_path, expert_layout="stacked")
     with pytest.raises(ValueError, match="meta device"):
         save_pretrained(build_model("toy", device="meta"), tmp_path)
+    with pytest.raises(ValueError, match=r"whole model.*stage holding layers \['1', '2'\] without the embedding"):
+        save_pretrained(cut(_our_model(), [1, 2], head=True), tmp_path)
+
+
+def test_a_pipeline_stage_loads_its_part_of_a_checkpoint(tmp_path):
+    # Stage keys are the whole model's: the stage takes its tensors from the whole state dict.
+    model = _our_model()
+    stage = cut(build_model(model.config, device="meta"), [1, 2], head=True).to_empty(device="cpu")
+    missing, unexpected = stage.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(("embed.", "layers.0.")) for k in unexpected)
+    assert torch.equal(stage.layers["2"].ffn.gate.bias, model.layers["2"].ffn.gate.bias)
 
 
 def test_greedy_router_is_written_as_one_group(tmp_path):
@@ -505,6 +551,29 @@ def test_checkpoint_configs_we_cannot_build_are_refused(ckpt):
     _edit_config(ckpt, scoring_func="sigmoid", attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias is true"):
         from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ("fp8", r" \('fp8'\) must be an object"),
+    ([128, 128], r" \(\[128, 128\]\) must be an object"),
+    ({"weight_block_size": 128}, r"\.weight_block_size \(128\) must be two positive integers"),
+    ({"weight_block_size": [128]}, r"\.weight_block_size \(\[128\]\) must be two positive integers"),
+    ({"weight_block_size": [0, 128]}, r"\.weight_block_size \(\[0, 128\]\) must be two"),
+    ({"weight_block_size": ["128", "128"]}, r"\.weight_block_size \(\['128', '128'\]\) must be two"),
+    ({"weight_block_size": [True, 128]}, r"\.weight_block_size \(\[True, 128\]\) must be two"),
+], ids=["string", "list", "int_block", "one_number", "zero", "strings", "bool"])
+def test_a_malformed_quantization_config_is_a_value_error_naming_config_json(ckpt, quantization_config, message):
+    # A string used to raise AttributeError, and 128 for the block a TypeError.
+    _edit_config(ckpt, quantization_config=quantization_config)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(ckpt / 'config.json'))}: quantization_config{message}"):
+        from_pretrained(ckpt)
+
+
+def test_a_quantization_config_without_a_block_size_means_128_x_128(ckpt):
+    assert pretrained._fp8_block({"quantization_config": {"quant_method": "fp8"}}, ckpt) == (128, 128)
+    assert pretrained._fp8_block({"quantization_config": {"weight_block_size": [16, 32]}}, ckpt) == (16, 32)
+    _edit_config(ckpt, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    from_pretrained(ckpt)
 
 
 # ------------------------------------------------------- HF config import (config.py)

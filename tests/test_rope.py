@@ -121,6 +121,26 @@ def test_rows_of_the_tables_select_positions():
     torch.testing.assert_close(part, full[:, 5:9])
 
 
+def test_per_row_positions_rotate_each_row_by_its_own_angles():
+    # A ragged batch: row 0 at positions 0..3, row 1 at 7..10. (B, T, D/2) tables of gathered
+    # rows must equal rotating each row alone with its own slice of the tables.
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 3, 8)
+    cos, sin = tables(8, 16)
+    positions = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10]])
+    got = apply_rope(x, cos[positions], sin[positions])
+    torch.testing.assert_close(got[0], apply_rope(x[:1], cos[0:4], sin[0:4])[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], apply_rope(x[1:], cos[7:11], sin[7:11])[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], rope_complex(x[1:], positions[1]).float()[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_tables_must_match_the_batch():
+    x = torch.randn(2, 4, 3, 8)
+    cos, sin = tables(8, 4)
+    with pytest.raises(ValueError, match=r"\(B, T, D/2\)"):
+        apply_rope(x, cos.expand(3, 4, 4), sin.expand(3, 4, 4))
+
+
 def test_keeps_the_input_dtype():
     x = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
     cos, sin = tables(8, 4)
