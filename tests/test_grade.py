@@ -203,7 +203,8 @@ def test_a_fake_checks_package_written_by_a_solution_cell_earns_nothing(tmp_path
     # Next to the notebook: the fresh import does not look there, the real checks run.
     _cell(nb, "group_limited_topk").source += _write_fake_package(".")
     # Elsewhere, put first on sys.path: imported, and refused as not the grader's own file.
-    _cell(nb, "routing_weights").source += _write_fake_package("elsewhere") + "import sys\nsys.path.insert(0, 'elsewhere')\n"
+    _cell(nb, "routing_weights").source += (_write_fake_package("elsewhere")
+                                            + "import sys\nsys.path.insert(0, 'elsewhere')\n")
     report = grade_notebook(_save(nb, tmp_path / "03_moe.ipynb"), timeout=60)
     assert (report.total, report.max_total) == (0, 8), report.table()
     by_name = {e.exercise: e for e in report.exercises}
