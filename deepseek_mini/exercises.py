@@ -191,7 +191,18 @@ def _wanted() -> dict[Path, str]:
 
 
 def _generated_files() -> list[Path]:
-    return sorted([*EXERCISES_DIR.glob("*.ipynb"), *GRADING_DIR.glob("*.json")])
+    """The files this command wrote earlier: grading specs, and exercise notebooks whose chapter
+    id is their own file name. A learner's copy (``exercises/01_mine.ipynb`` still says
+    ``01_baseline_transformer``) or any other notebook in ``exercises/`` is never touched."""
+    return sorted([*(path for path in EXERCISES_DIR.glob("*.ipynb") if _chapter_in_file(path) == path.stem),
+                   *GRADING_DIR.glob("*.json")])
+
+
+def _chapter_in_file(path: Path) -> str | None:
+    try:
+        return chapter_of(nbformat.read(path, as_version=4))
+    except Exception:          # unreadable or not a notebook: not ours to delete
+        return None
 
 
 def generate() -> list[Path]:

@@ -104,6 +104,26 @@ def test_a_solution_cell_followed_by_another_solution_names_both():
                                "(solution cell 'g' comes first)")
 
 
+def test_generation_deletes_only_what_it_generated(tmp_path, monkeypatch):
+    # A chapter removed from solutions/ takes its exercise notebook with it; a learner's copy of
+    # an exercise notebook (same chapter id, another file name) and other notebooks stay.
+    for name in ("SOLUTIONS_DIR", "EXERCISES_DIR", "GRADING_DIR"):
+        monkeypatch.setattr(exercises, name, tmp_path / name.lower())
+    monkeypatch.setattr(exercises, "REPO_DIR", tmp_path)
+    (tmp_path / "solutions_dir").mkdir()
+    check = _code("checks.check_f(f)", grade=True, grade_id="f_check", points=1)
+    for stem in ("07_yarn", "08_grpo"):
+        nbformat.write(_notebook(SOLUTION, check, chapter=stem), tmp_path / "solutions_dir" / f"{stem}.ipynb")
+    exercises.generate()
+    out = tmp_path / "exercises_dir"
+    (out / "07_mine.ipynb").write_bytes((out / "07_yarn.ipynb").read_bytes())   # the learner's copy
+    (out / "notes.ipynb").write_text("not even json")
+    (tmp_path / "solutions_dir" / "08_grpo.ipynb").unlink()
+    exercises.generate()
+    assert sorted(p.name for p in out.iterdir()) == ["07_mine.ipynb", "07_yarn.ipynb", "notes.ipynb"]
+    assert sorted(p.name for p in (tmp_path / "grading_dir").iterdir()) == ["07_yarn.json"]
+
+
 @pytest.mark.parametrize("solutions", ["missing", "empty"])
 def test_generation_without_solution_notebooks_is_an_error_not_a_mass_delete(tmp_path, monkeypatch, capsys, solutions):
     # An installed package, or a run from the wrong folder, has no solutions/: every exercise
