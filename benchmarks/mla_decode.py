@@ -3,11 +3,17 @@
 What is measured
 ----------------
 One Multi-head Latent Attention layer (``deepseek_mini.mla.MLA``) decodes a single new token
-against a cache that already holds N past tokens. The caches are filled with random values
-directly (the model is not run to prefill them: only the attention over N cached positions
-matters here, not what they contain). Both paths use the same weights, dtype, device and
-thread count, run in the same process, alternate within each repeat, and are warmed up first;
-the table reports the median of the repeats.
+against a cache that already holds N past tokens. The caches are filled directly (the model
+is not run to prefill them: only the attention over N cached positions matters here): random
+c_kv and k_rope for the absorbed path, and the per-head keys and values they stand for in the
+naive path's cache, so both paths compute the same attention; the last column is their
+relative difference, checked before timing. Both paths use the same weights, dtype, device and
+thread count, and run in the same process. Timing uses the standard tools rather than a
+hand-rolled loop: ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (warm-up, blocks
+of calls sized to beat the clock's resolution, the thread count pinned to torch's) and
+``triton.testing.do_bench`` on CUDA (CUDA events, and the L2 cache flushed before every call,
+so a step reads its cache from HBM as a real decode step would, not from L2). The two paths
+take turns over ``--rounds`` rounds, so drift hits both, and the table reports the median.
 
 Why the two paths differ (DeepSeek-V3 §2.1.1; chapter 02)
 ---------------------------------------------------------
@@ -35,7 +41,7 @@ and W^{UV} each step. They are the code as the course ships it, so they are time
 Examples
 --------
     python benchmarks/mla_decode.py                                # CPU: mini dims, fp32
-    python benchmarks/mla_decode.py --contexts 512 2048 8192 --repeats 50
+    python benchmarks/mla_decode.py --contexts 512 2048 8192 --min-run-time 2
     python benchmarks/mla_decode.py --device cuda --dims v3        # GPU: DeepSeek-V3 dims, bf16
     python benchmarks/mla_decode.py --device cuda --cuda-graph --batch 16 --contexts 1024 4096 16384
 
@@ -50,10 +56,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
+from torch.utils import benchmark
 
 from deepseek_mini.attention import KVCache
 from deepseek_mini.mla import MLA, LatentCache
@@ -104,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "each path reads.",
         epilog="examples:\n"
                "  python benchmarks/mla_decode.py                          # CPU, mini dims, fp32\n"
-               "  python benchmarks/mla_decode.py --contexts 512 8192 --repeats 50\n"
+               "  python benchmarks/mla_decode.py --contexts 512 8192 --min-run-time 2\n"
                "  python benchmarks/mla_decode.py --device cuda --dims v3  # DeepSeek-V3 layer, bf16\n"
                "  python benchmarks/mla_decode.py --device cuda --cuda-graph --batch 16  # without launch overhead",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,8 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"where to run (default here: {default_device})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights, activations and caches (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per path and context (default: 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    parser.add_argument("--min-run-time", type=float, default=1.0, metavar="SECONDS",
+                        help="timed seconds per path and context, split over the rounds (default: 1.0)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds in which the two paths take turns; the median over them is reported (default: 3)")
     parser.add_argument("--batch", type=int, default=1,
                         help="sequences decoded together, each with its own cache of N tokens (default: 1)")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -135,8 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dims = "v3" if args.device == "cuda" else "mini"
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if min(args.contexts) < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("contexts, repeats and batch must be >= 1, warmup >= 0")
+    if min(args.contexts) < 1 or args.rounds < 1 or args.batch < 1 or not args.min_run_time > 0:
+        parser.error("contexts, rounds and batch must be >= 1, --min-run-time > 0")
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda")
     return args
@@ -156,9 +165,10 @@ def device_name(device: torch.device) -> str:
 
 def build_layers(d: Dims, device, dtype, seed: int) -> dict[str, MLA]:
     """One layer per path, with identical weights ~ N(0, 1/fan_in)."""
+    sizes = dict(kv_lora_rank=d.kv_lora_rank, q_lora_rank=d.q_lora_rank, qk_nope_head_dim=d.qk_nope_head_dim,
+                 qk_rope_head_dim=d.qk_rope_head_dim, v_head_dim=d.v_head_dim)
     with torch.device("meta"):
-        absorb = MLA(d.dim, d.n_heads, d.kv_lora_rank, d.q_lora_rank, d.qk_nope_head_dim,
-                     d.qk_rope_head_dim, d.v_head_dim, attn_impl="absorb")
+        absorb = MLA(d.dim, d.n_heads, **sizes, attn_impl="absorb")
     absorb = absorb.to_empty(device=device)
     g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -169,21 +179,32 @@ def build_layers(d: Dims, device, dtype, seed: int) -> dict[str, MLA]:
                 p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
     absorb = absorb.to(dtype).eval()
     with torch.device("meta"):
-        naive = MLA(d.dim, d.n_heads, d.kv_lora_rank, d.q_lora_rank, d.qk_nope_head_dim,
-                    d.qk_rope_head_dim, d.v_head_dim, attn_impl="naive")
+        naive = MLA(d.dim, d.n_heads, **sizes, attn_impl="naive")
     naive = naive.to_empty(device=device).to(dtype).eval()
     naive.load_state_dict(absorb.state_dict())
     return {"naive": naive, "absorb": absorb}
 
 
-def random_cache(layer: MLA, batch: int, n_past: int, device, dtype, g: torch.Generator):
-    """A cache for n_past + 1 positions whose first n_past hold random values."""
-    cache = layer.new_cache(batch, n_past + 1, device=device, dtype=dtype)
-    tensors = (cache.c_kv, cache.k_rope) if isinstance(cache, LatentCache) else (cache.k, cache.v)
-    for t in tensors:
-        view = t[:, :n_past] if isinstance(cache, LatentCache) else t[:, :, :n_past]
-        view.copy_(torch.randn(view.shape, device=device, generator=g, dtype=torch.float32).to(dtype))
-    return cache
+def random_caches(layers: dict[str, MLA], batch: int, n_past: int, device, dtype,
+                  g: torch.Generator) -> dict[str, LatentCache | KVCache]:
+    """Caches for n_past + 1 positions whose first n_past hold the same past in both layouts:
+    random c_kv and k_rope for the absorbed path, and the keys [W^UK c_kv; k_rope] and values
+    W^UV c_kv they stand for in the naive path's cache (eqs. 2, 4, 5), so both steps compute
+    the same attention and their outputs can be compared before timing."""
+    latent = layers["absorb"].new_cache(batch, n_past + 1, device=device, dtype=dtype)
+    for t in (latent.c_kv, latent.k_rope):
+        t[:, :n_past].copy_(torch.randn(batch, n_past, t.shape[-1], device=device, generator=g).to(dtype))
+    naive = layers["naive"]
+    explicit = naive.new_cache(batch, n_past + 1, device=device, dtype=dtype)
+    for start in range(0, n_past, 1024):           # in chunks: the naive cache is up to 71x larger
+        c_kv, k_rope = latent.c_kv[:, start:n_past][:, :1024], latent.k_rope[:, start:n_past][:, :1024]
+        kv = rearrange(naive.wkv_b(c_kv), "b s (h d) -> b h s d", h=naive.n_heads)
+        k_nope, v = kv.split([naive.dn, naive.dv], dim=-1)
+        k_pe = k_rope[:, None].expand(-1, naive.n_heads, -1, -1)
+        end = start + c_kv.shape[1]
+        explicit.k[:, :, start:end] = torch.cat([k_nope, k_pe], dim=-1)
+        explicit.v[:, :, start:end] = v
+    return {"naive": explicit, "absorb": latent}
 
 
 def cache_bytes_read(cache, n_read: int) -> int:
@@ -194,11 +215,6 @@ def cache_bytes_read(cache, n_read: int) -> int:
     assert isinstance(cache, KVCache)
     batch, heads = cache.k.shape[:2]
     return batch * n_read * heads * (cache.k.shape[-1] + cache.v.shape[-1]) * cache.k.element_size()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def capture(fn):
@@ -215,40 +231,49 @@ def capture(fn):
     return graph.replay
 
 
+def median_ms(fn, device: torch.device, min_run_time: float) -> float:
+    """Median milliseconds per call of fn, after warm-up, measured by the standard tools:
+    ``triton.testing.do_bench`` on CUDA (CUDA events; the L2 cache is flushed before each call)
+    and ``torch.utils.benchmark`` elsewhere (or on CUDA without triton), at torch's thread count."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            pass
+        else:
+            return do_bench(fn, warmup=max(1, int(min_run_time * 250)), rep=max(1, int(min_run_time * 1e3)),
+                            return_mode="median")
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
 @torch.inference_mode()
 def time_context(layers, d: Dims, n_past: int, args, device, dtype):
     g = torch.Generator(device).manual_seed(args.seed + n_past)
-    caches = {name: random_cache(layer, args.batch, n_past, device, dtype, g) for name, layer in layers.items()}
+    caches = random_caches(layers, args.batch, n_past, device, dtype, g)
     x = torch.randn(args.batch, 1, d.dim, device=device, generator=g).to(dtype)
     cos, sin = rope_cos_sin(rope_frequencies(d.qk_rope_head_dim).to(device), n_past + 1)
     rope = (cos[n_past:], sin[n_past:])                   # the row of the new token's position
     # Each step writes the new token at position n_past and attends over n_past + 1 positions;
     # repeating it rewrites the same slot, so every repeat does identical work.
     run = {name: (lambda name=name: layers[name](x, rope, n_past, caches[name])) for name in layers}
+    outputs = {name: fn().float() for name, fn in run.items()}    # the two paths must agree before timing
+    diff = (outputs["naive"] - outputs["absorb"]).abs().max().item() / outputs["naive"].abs().max().item()
     if args.cuda_graph:
         run = {name: capture(fn) for name, fn in run.items()}
 
-    def step(name: str) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        run[name]()
-        sync(device)
-        return time.perf_counter() - t0
-
     order = ["naive", "absorb"]
-    for _ in range(args.warmup):
-        for name in order:
-            step(name)
     times = {name: [] for name in order}
-    for i in range(args.repeats):
-        for name in (order if i % 2 == 0 else order[::-1]):    # alternate, so drift hits both
-            times[name].append(step(name))
-    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    for i in range(args.rounds):
+        for name in (order if i % 2 == 0 else order[::-1]):    # take turns, so drift hits both
+            times[name].append(median_ms(run[name], device, args.min_run_time / args.rounds))
+    ms = {name: statistics.median(t) for name, t in times.items()}
     read = {name: cache_bytes_read(caches[name], n_past + 1) for name in order}
-    return ms, read
+    return ms, read, diff
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
+    """Print the table; return its rows (context, ms and cache bytes read per path, relative difference)."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -262,17 +287,22 @@ def main(argv=None) -> None:
           f"fewer); attention MACs per cached token: naive {d.naive_macs_per_token():,}, absorbed "
           f"{d.absorbed_macs_per_token():,} ({d.absorbed_macs_per_token() / d.naive_macs_per_token():.1f}x more)")
     unit = "ms/token" if args.batch == 1 else "ms/step"
+    tool = "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "torch.utils.benchmark"
     print(f"one decode step = 1 new token for each of {args.batch} sequence(s)"
           f"{', replayed from a CUDA graph' if args.cuda_graph else ''}; "
-          f"median of {args.repeats} repeats after {args.warmup} warm-up\n")
+          f"median over {args.rounds} rounds of {args.min_run_time:g} s per path ({tool})\n")
     header = (f"{'context':>8} | {'naive ' + unit:>14} | {'absorbed ' + unit:>17} | {'naive/absorbed':>14} | "
-              f"{'naive cache read':>16} | {'absorbed cache read':>19}")
+              f"{'naive cache read':>16} | {'absorbed cache read':>19} | {'rel. diff':>9}")
     print(header)
     print("-" * len(header))
+    rows = []
     for n_past in args.contexts:
-        ms, read = time_context(layers, d, n_past, args, device, dtype)
+        ms, read, diff = time_context(layers, d, n_past, args, device, dtype)
         print(f"{n_past:>8} | {ms['naive']:>14.3f} | {ms['absorb']:>17.3f} | {ms['naive'] / ms['absorb']:>13.2f}x | "
-              f"{read['naive'] / 2**20:>13.2f} MiB | {read['absorb'] / 2**20:>16.2f} MiB")
+              f"{read['naive'] / 2**20:>13.2f} MiB | {read['absorb'] / 2**20:>16.2f} MiB | {diff:>9.1e}")
+        rows.append(dict(context=n_past, naive_ms=ms["naive"], absorb_ms=ms["absorb"], naive_bytes=read["naive"],
+                         absorb_bytes=read["absorb"], rel_diff=diff))
+    return rows
 
 
 if __name__ == "__main__":

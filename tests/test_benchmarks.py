@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ def load_script(name: str):
     """Import benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 
@@ -75,3 +77,24 @@ def test_moe_dispatch_rejects_a_bad_expert_configuration(capsys):
     with pytest.raises(SystemExit):
         moe.parse_args(["--experts", "8:9"])
     assert "K_r <= N_r" in capsys.readouterr().err
+
+
+def test_mla_decode_runs_and_both_paths_agree(capsys, keep_torch_threads):
+    mla = load_script("mla_decode")
+    rows = mla.main(["--contexts", "8", "24", "--min-run-time", "0.02", "--rounds", "2", "--threads", "1",
+                     "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert [r["context"] for r in rows] == [8, 24]
+    for r in rows:
+        assert min(r["naive_ms"], r["absorb_ms"]) > 0
+        assert r["rel_diff"] < 1e-4                     # same past in both cache layouts: same attention
+        assert r["naive_bytes"] == (r["context"] + 1) * 16 * (64 + 32 + 64) * 4       # mini dims, fp32
+        assert r["absorb_bytes"] == (r["context"] + 1) * (256 + 32) * 4
+    assert "torch.utils.benchmark" in printed and "naive/absorbed" in printed
+
+
+def test_mla_decode_rejects_bad_settings(capsys):
+    mla = load_script("mla_decode")
+    with pytest.raises(SystemExit):
+        mla.parse_args(["--device", "cpu", "--min-run-time", "0"])
+    assert "--min-run-time > 0" in capsys.readouterr().err
