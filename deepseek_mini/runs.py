@@ -213,10 +213,10 @@ def restore_checkpoint(state: dict[str, Any], model: nn.Module | None = None,
 
     Asking for a state the checkpoint does not hold is a one-line ``ValueError``.
     """
-    wanted = (("optimizer", optimizer, state.get("optimizer")), ("sampler", sampler, sampler_state(state)),
-              ("torch_rng", rng or None, state.get("torch_rng")))
-    for label, target, saved in wanted:
-        if target is not None and saved is None:
+    wanted = {"optimizer": (optimizer is not None, state.get("optimizer")),
+              "sampler": (sampler is not None, sampler_state(state)), "RNG": (rng, state.get("torch_rng"))}
+    for label, (asked, saved) in wanted.items():
+        if asked and saved is None:
             raise ValueError(f"{source} holds no {label} state to restore (it was saved without one)")
     if model is not None:
         model.load_state_dict(state["model"])
