@@ -1,7 +1,8 @@
 """torch.compile on the toy (issue #10): compiled equals eager, and ``TrainConfig.compile`` trains through it.
 
-The equivalence test compiles for real with inductor (about 30-40 s on 2 cores, the slowest
-test of the file): a one-layer toy, MLA + DeepSeekMoE, forward and one backward. MoE
+The equivalence test compiles for real with inductor (about 50 s on 2 cores with a cold
+inductor cache, 10-15 s with a warm one): a one-layer toy, MLA + DeepSeekMoE, forward and
+one backward. MoE
 dispatch has data-dependent shapes (tokens per expert), so dynamo breaks the graph there;
 that is expected, and the results must still agree.
 """
