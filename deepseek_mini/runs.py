@@ -271,11 +271,13 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """``<folder>/.lock`` holding this process's pid while a run writes the folder.
 
-    Creation is exclusive (``O_EXCL``), so of two runs started on one folder the second
-    refuses and names the first's pid. A lock whose pid no longer runs (a killed run) is
-    taken over with a message. (Two processes taking over the same stale lock at the same
-    instant could both succeed; starting two runs within microseconds of each other on a
-    crashed run's folder is the one case this does not cover.)
+    The lock appears with its pid already in it: the pid is written to a private file that
+    is then hard-linked to ``.lock`` (``os.link`` fails if ``.lock`` exists), so no other run
+    ever reads an empty lock and mistakes it for a stale one. Of two runs started on one
+    folder the second refuses and names the first's pid. A lock whose pid no longer runs (a
+    killed run) is taken over with a message. (Two processes taking over the same stale lock
+    at the same instant could both succeed; starting two runs within microseconds of each
+    other on a crashed run's folder is the one case this does not cover.)
     """
 
     def __init__(self, folder: Path) -> None:
@@ -285,9 +287,17 @@ class RunLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"output folder {str(self.folder)!r} is a file, not a folder; choose another path")
         self.folder.mkdir(parents=True, exist_ok=True)
+        mine = self.folder / f"{LOCK_NAME}.{os.getpid()}"
+        mine.write_text(f"{os.getpid()}\n")
+        try:
+            return self._take(mine)
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _take(self, mine: Path) -> RunLock:
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(mine, self.path)
             except FileExistsError:
                 text = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
                 pid = int(text) if text.isdigit() else None
@@ -299,8 +309,6 @@ class RunLock:
                       file=sys.stderr)
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
             self.held = True
             return self
         raise ValueError(f"could not lock {str(self.folder)!r}: other runs keep taking it")

@@ -37,7 +37,7 @@ from deepseek_mini.data import EOS_ID, ByteTokenizer
 from deepseek_mini.generate import generate
 from deepseek_mini.model import count_parameters
 from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, RunLock, config_differences, find_checkpoint,
-                                peek_checkpoint, run_files, same_setting)
+                                peek_checkpoint, same_setting)
 from deepseek_mini.train import (DEFAULT_OUT, RESUME_FIXED, TrainConfig, TrainingInterrupted, TrainResult, _flag, _plan,
                                  _run, _saved_train_config, plot_losses)
 
@@ -202,6 +202,15 @@ def _error(message: object, code: int) -> int:
     return code
 
 
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether ``--resume folder`` would find a checkpoint (metrics alone cannot be resumed)."""
+    try:
+        find_checkpoint(folder)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI. Exit status: 0 done, 2 a flag or input to change, 1 a failure while running, 130 Ctrl-C.
 
@@ -216,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         plan = _plan(model_config, cfg, checkpoint, args.overwrite, cli=True)
     except (ValueError, NotImplementedError) as exc:
         return _error(exc, EXIT_USAGE)
-    except TypeError as exc:   # a config value of the wrong type that validation did not name
-        return _error(f"a value in {args.config or 'the config'} has the wrong type ({exc}); "
-                      "write numbers without quotes", EXIT_USAGE)
     except OSError as exc:
         return _error(exc, EXIT_FAILED)
     out = shlex.quote(str(plan.out_dir))
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         where = f"checkpoint: {exc.checkpoint}" if exc.checkpoint is not None else str(exc)
         print(f"\ninterrupted after step {exc.step}; {where}", file=sys.stderr)
-        if exc.checkpoint is not None or run_files(plan.out_dir):
+        if exc.checkpoint is not None or _has_checkpoint(plan.out_dir):
             print(f"resume with: python -m deepseek_mini.train --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -572,6 +573,37 @@ def test_cli_takes_over_a_stale_lock_and_removes_its_own(cli, tmp_path, capsys):
     assert cli("--out", str(out)) == 0
     assert "taking over the stale lock" in capsys.readouterr().err
     assert not (out / ".lock").exists() and (out / "checkpoint.pt").is_file()
+
+
+def test_the_lock_appears_with_its_pid_in_it(tmp_path, monkeypatch):
+    # A lock created empty and filled afterwards can be read as stale by a second run in
+    # between, which would then delete a live run's lock: the pid must be there from the start.
+    from deepseek_mini.runs import RunLock
+
+    seen = []
+    real_link = os.link
+
+    def link(source, target):
+        seen.append(Path(source).read_text())
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    with RunLock(tmp_path) as lock:
+        assert lock.path.read_text() == f"{os.getpid()}\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]          # no private file left
+    assert seen == [f"{os.getpid()}\n"] and not any(tmp_path.iterdir())
+
+
+def test_cli_interrupt_before_any_checkpoint_prints_no_resume_command(cli, tmp_path, monkeypatch, capsys):
+    def evaluate_interrupted(*args, **kwargs):           # Ctrl-C in the middle of step 3, which is
+        raise KeyboardInterrupt                          # half applied: no checkpoint is written
+
+    monkeypatch.setattr("deepseek_mini.train.evaluate", evaluate_interrupted)
+    out = tmp_path / "run"
+    assert cli("--out", str(out), "--eval-every", "3") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "resume with" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]      # steps 1-2 logged, nothing to resume
 
 
 def test_cli_device_that_this_torch_lacks_is_one_line(cli, tmp_path, capsys):
