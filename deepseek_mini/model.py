@@ -149,9 +149,9 @@ class Transformer(FP32Buffers):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Weights ~ N(0, initializer_range^2), biases 0, norm gains 1: each module initialises its
-        own (``init_weights``), in the order the model built them, so a seeded build draws the same
-        numbers whatever is cut away later. The RoPE tables are recomputed (``to_empty`` leaves
-        buffers uninitialised)."""
+        own (``init_weights``), called in the order the model built them, so one generator draws
+        reproducible numbers. A stage initialises only what it holds. The RoPE tables are
+        recomputed (``to_empty`` leaves buffers uninitialised)."""
         std = self.config.initializer_range
         if self.embed is not None:
             init_linear(self.embed, std, generator)
@@ -286,7 +286,11 @@ def cut(model: Transformer, layer_ids: Iterable[int | str], *, embed: bool = Fal
     removed += [] if embed else [model.embed]
     removed += [] if head else [model.norm, model.head]
     # deepcopy with the removed modules memoised as None copies only what the stage keeps.
-    stage = copy.deepcopy(model, memo={id(module): None for module in removed if module is not None})
+    try:
+        stage = copy.deepcopy(model, memo={id(module): None for module in removed if module is not None})
+    except RuntimeError as error:       # a tensor with autograd history, kept by a module after forward
+        raise ValueError("cut the model before running it: a module holds a tensor from its last forward "
+                         f"pass that cannot be copied ({str(error).split('.')[0]})") from error
     for layer_id in [layer_id for layer_id in stage.layers if layer_id not in keep]:
         del stage.layers[layer_id]
     return stage
