@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
 from deepseek_mini.hooks import BALANCE_LOSSES, MoEBalancing, TrainHook
-from deepseek_mini.model import build_model
+from deepseek_mini.model import build_model, check_tokens
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, atomic_write,
                                 config_differences, find_checkpoint, load_checkpoint, prepare_folder,
                                 restore_checkpoint, same_setting, sampler_state, save_checkpoint)
@@ -445,6 +445,11 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                     if out_dir is not None else None)
     torch.manual_seed(cfg.seed)
     train_stream, val_stream = data if data is not None else make_datasets(cfg.data, cfg.n_docs, cfg.seed)
+    for name, stream in (("training", train_stream), ("validation", val_stream)):
+        try:   # once, here: the model's forward does not check ids (that would sync a GPU every step)
+            check_tokens(stream.tokens, model_config.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"the {name} data does not fit the model: {exc}") from None
     model = build_model(model_config, device=device, seed=cfg.seed)
     optimizer = _make_optimizer(model, cfg)
     batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)

@@ -606,6 +606,18 @@ def test_cli_interrupt_before_any_checkpoint_prints_no_resume_command(cli, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]      # steps 1-2 logged, nothing to resume
 
 
+def test_data_with_ids_beyond_the_vocabulary_is_one_line(tmp_path, capsys):
+    # The forward no longer checks token ids (a GPU sync per step); the trainer checks the data once.
+    small_vocab = load_config("toy-dense", **{**TINY, "vocab_size": 200, "bos_token_id": None,
+                                                "eos_token_id": None, "pad_token_id": None})   # bytes reach 255
+    small_vocab.to_json(tmp_path / "small.json")
+    assert main(["--config", str(tmp_path / "small.json"), "--out", str(tmp_path / "run"), "--steps", "2", "--seq-len", "16",
+                 "--n-docs", "40", "--no-progress", "--samples", "0"]) == 2
+    message = one_line_error(capsys)
+    assert "the training data does not fit the model: token ids must be in [0, vocab_size=200)" in message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_cli_device_that_this_torch_lacks_is_one_line(cli, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
