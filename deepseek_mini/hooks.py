@@ -5,8 +5,8 @@ step it adds through a ``TrainHook``, never through an ``if is_moe`` branch in t
 step, with the seams marked::
 
     x, y = sampler.next_batch()
-    output = model(x)                             # logits (B, T, V)
-    loss = cross_entropy(output, y)
+    output = model(x, return_aux=True)            # (logits (B, T, V), aux): aux["routing"] per MoE layer
+    loss = cross_entropy(output[0], y)
     loss += sum(hook.extra_loss(model, (x, y), output, step))      # MoE balance loss; MTP loss (ch. 04)
     loss.backward()
     hook.after_backward(model, step)              # gradient sync across data-parallel ranks (ch. 06)
@@ -55,7 +55,11 @@ class TrainHook:
 
     def extra_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output: Any,
                    step: int) -> dict[str, torch.Tensor]:
-        """Scalar losses added to the language-modelling loss, by name (each is also logged)."""
+        """Scalar losses added to the language-modelling loss, by name (each is also logged).
+
+        ``output`` is this forward pass's ``(logits, aux)`` (``Transformer.forward`` with
+        ``return_aux=True``): read what a loss needs from it, not from module attributes, so
+        that it belongs to this pass (micro-batches, ``torch.compile``)."""
         return {}
 
     def after_backward(self, model: nn.Module, step: int) -> None:
@@ -82,8 +86,8 @@ class TrainHook:
 class MoEBalancing(TrainHook):
     """DeepSeek-V3's load balancing for DeepSeekMoE (§2.1.2), as a training hook.
 
-    * ``extra_loss``: ``balance_loss`` of the step's routing, ``alpha * sum_i f_i P_i`` summed
-      over MoE layers (``"sequence"``: eqs. 17-20; ``"batch"``: the conventional auxiliary
+    * ``extra_loss``: ``balance_loss`` of the forward pass's routing (``output[1]["routing"]``,
+      padding left out), ``alpha * sum_i f_i P_i`` summed over MoE layers (``"sequence"``: eqs. 17-20; ``"batch"``: the conventional auxiliary
       loss; ``"none"`` or ``alpha == 0``: no loss), logged as ``balance_loss``.
     * ``after_optimizer_step``: per MoE layer, the tokens each expert received during the
       step (every micro-batch: the layers count until this call) move the bias,
@@ -114,7 +118,8 @@ class MoEBalancing(TrainHook):
 
     def extra_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output: Any,
                    step: int) -> dict[str, torch.Tensor]:
-        loss = balance_loss(model, self.kind, self.alpha)   # None: kind 'none', alpha 0 or no MoE layer
+        _, aux = output
+        loss = balance_loss(aux["routing"], self.kind, self.alpha)   # None: kind 'none', alpha 0 or no MoE layer
         self._adds_loss = loss is not None
         return {} if loss is None else {"balance_loss": loss}
 

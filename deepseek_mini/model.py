@@ -46,7 +46,7 @@ from deepseek_mini.attention import Attention, ragged_causal_mask
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.layers import MLP, Block, RMSNorm, init_linear
 from deepseek_mini.mla import MLA
-from deepseek_mini.moe import MoE
+from deepseek_mini.moe import MoE, Routing
 from deepseek_mini.precision import FP32Buffers
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
@@ -75,6 +75,24 @@ def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
                topk=config.num_experts_per_tok, n_group=n_group, topk_group=topk_group,
                route_scale=config.routed_scaling_factor, score_func=config.scoring_func,
                normalize=config.norm_topk_prob)
+
+
+class MoEBlock(Block):
+    """A ``Block`` whose ffn is DeepSeekMoE: it also hands the MoE layer the token mask (padding
+    loads no expert and adds nothing to the balance loss) and the list that collects the forward
+    pass's ``Routing``. Same parameters and state-dict keys as a ``Block``."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor = 0,
+                cache=None, mask: torch.Tensor | None = None, *, token_mask: torch.Tensor | None = None,
+                routing: list[Routing] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
+        return x + self.ffn(self.ffn_norm(x), token_mask, routing)
+
+
+def _make_block(config: ModelConfig, layer_id: int) -> Block:
+    ffn = _make_ffn(config, layer_id)
+    block = MoEBlock if isinstance(ffn, MoE) else Block
+    return block(_make_attention(config), ffn, config.hidden_size, config.rms_norm_eps)
 
 
 def _unbuilt_features(config: ModelConfig) -> list[str]:
@@ -132,8 +150,7 @@ class Transformer(FP32Buffers):
         d = config.hidden_size
         self.embed: nn.Embedding | None = nn.Embedding(config.vocab_size, d)
         self.layers = nn.ModuleDict({
-            str(i): Block(_make_attention(config), _make_ffn(config, i), d, config.rms_norm_eps)
-            for i in range(config.num_hidden_layers)})
+            str(i): _make_block(config, i) for i in range(config.num_hidden_layers)})
         self.norm: RMSNorm | None = RMSNorm(d, config.rms_norm_eps)
         self.head: nn.Linear | None = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -220,18 +237,22 @@ class Transformer(FP32Buffers):
         return (self.rope_cos[positions], self.rope_sin[positions]), positions, mask
 
     def hidden_states(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None, *,
-                      positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                      routing: list[Routing] | None = None) -> torch.Tensor:
         """Everything but the head: the final normalised hidden states (B, T, d) of a whole model;
-        a stage without ``norm`` returns its last layer's residual stream."""
+        a stage without ``norm`` returns its last layer's residual stream. ``routing``, if given,
+        collects each MoE layer's ``Routing``, in layer order."""
         self._check_inputs(x, start_pos, cache, positions, padding_mask)
         h = x if self.embed is None else self.embed(x)
         rope, where, mask = self._attention_inputs(x.shape[0], x.shape[1], start_pos, cache, positions, padding_mask)
         for layer_id, layer in self.layers.items():
-            h = layer(h, rope, where, None if cache is None else cache[layer_id], mask)
+            moe_inputs = {"token_mask": padding_mask, "routing": routing} if isinstance(layer, MoEBlock) else {}
+            h = layer(h, rope, where, None if cache is None else cache[layer_id], mask, **moe_inputs)
         return h if self.norm is None else self.norm(h)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None, *,
-                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """Logits (B, T, vocab_size) for tokens x (B, T) at positions start_pos..start_pos+T-1.
 
         A stage without ``embed`` takes hidden states x (B, T, d); one without ``head`` returns them.
@@ -243,9 +264,16 @@ class Transformer(FP32Buffers):
         inside ``nn.Embedding`` (IndexError on CPU, a device-side assert on GPU). Checking would
         read a tensor's min and max, a GPU sync per decoded token; ``check_tokens`` does it once
         where the ids come in (``generate``, the trainer).
+
+        ``return_aux=True`` returns ``(logits, aux)``: ``aux["routing"]`` holds each MoE layer's
+        ``Routing`` of this pass (affinities, chosen experts, token mask), what the balance losses
+        need. Returned, not kept on the layers, so every micro-batch has its own and
+        ``torch.compile`` traces it; training hooks receive it (``MoEBalancing``).
         """
-        h = self.hidden_states(x, start_pos, cache, positions=positions, padding_mask=padding_mask)
-        return h if self.head is None else self.head(h)
+        routing: list[Routing] | None = [] if return_aux else None
+        h = self.hidden_states(x, start_pos, cache, positions=positions, padding_mask=padding_mask, routing=routing)
+        out = h if self.head is None else self.head(h)
+        return (out, {"routing": routing}) if return_aux else out
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:

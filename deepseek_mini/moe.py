@@ -26,15 +26,16 @@ Names follow the official inference code (``gate.weight``, ``gate.bias``, ``expe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.layers import MLP
 from deepseek_mini.precision import FP32Buffers
 
-__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
+__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'Routing', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
 
 
 # --- notebooks/03_moe.ipynb: 3. Build it: routing
@@ -146,9 +147,16 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
 
 
 # --- notebooks/03_moe.ipynb: 5. Load balancing: the problem and two remedies
-def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens sent to each expert (float, length N_r): c_i in the bias-update rule."""
-    return torch.bincount(indices.flatten(), minlength=n_experts).float()
+def expert_load(indices: torch.Tensor, n_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens sent to each expert (float, length N_r): c_i in the bias-update rule.
+
+    ``mask`` (``indices.shape[:-1]``, True at real tokens) leaves the padding of a ragged batch
+    out: a padded position is no token and loads no expert.
+    """
+    if mask is None:
+        return torch.bincount(indices.flatten(), minlength=n_experts).float()
+    weights = mask.unsqueeze(-1).expand_as(indices).flatten().float()
+    return torch.bincount(indices.flatten(), weights=weights, minlength=n_experts).float()
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -168,39 +176,64 @@ def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.T
 
 
 # --- notebooks/03_moe.ipynb: 5. Load balancing: the problem and two remedies
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
     """The complementary sequence-wise balance loss, eqs. 17-20, averaged over the sequences.
 
     scores (B, T, N_r) are the unbiased affinities s_{i,t}; indices (B, T, K_r) the chosen
     experts. Per sequence: f_i = N_r / (K_r T) * sum_t 1[expert i chosen for token t]
     (eq. 18), P_i = (1/T) sum_t s'_{i,t} with s' = s / sum_j s_j (eqs. 19-20), and
     L_Bal = alpha * sum_i f_i P_i (eq. 17). Gradients reach the router through P_i only.
+    ``mask`` (B, T), True at real tokens, leaves a ragged batch's padding out: T becomes each
+    sequence's count of real tokens, and a sequence without any is left out of the mean.
     """
     n_seq, n_tok, n_experts = scores.shape
     k = indices.shape[-1]
     chosen = torch.zeros_like(scores).scatter_(-1, indices, 1.0)
-    f = chosen.sum(dim=1) * n_experts / (k * n_tok)                     # (B, N_r), eq. 18
-    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)        # (B, N_r), eqs. 19-20
-    return alpha * (f * p).sum(dim=-1).mean()
+    if mask is None:
+        f = chosen.sum(dim=1) * n_experts / (k * n_tok)                     # (B, N_r), eq. 18
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)        # (B, N_r), eqs. 19-20
+        return alpha * (f * p).sum(dim=-1).mean()
+    m = mask.unsqueeze(-1).to(scores.dtype)                             # (B, T, 1)
+    real = m.sum(dim=1).clamp(min=1)                                    # (B, 1): real tokens per sequence
+    f = (chosen * m).sum(dim=1) * n_experts / (k * real)
+    p = (scores / scores.sum(dim=-1, keepdim=True) * m).sum(dim=1) / real
+    has_tokens = mask.any(dim=1).to(scores.dtype)
+    return alpha * ((f * p).sum(dim=-1) * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
-def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """The conventional auxiliary loss (GShard/Switch style): the same product over the whole batch.
 
     Balance is asked of the batch as a whole rather than of every sequence; this is the
     "auxiliary-loss-based" baseline the paper's ablation compares with (§4.5.2).
     """
-    return sequence_balance_loss(scores.flatten(0, -2).unsqueeze(0), indices.flatten(0, -2).unsqueeze(0), alpha)
+    return sequence_balance_loss(scores.flatten(0, -2).unsqueeze(0), indices.flatten(0, -2).unsqueeze(0), alpha,
+                                 None if mask is None else mask.reshape(1, -1))
 
 
 # --- notebooks/03_moe.ipynb: 6. The MoE layer, and DeepSeekMoE inside the model
+class Routing(NamedTuple):
+    """One MoE layer's routing in one forward pass: what the balance losses need.
+
+    scores (..., N_r) are the unbiased affinities s_{i,t}, indices (..., K_r) the chosen experts,
+    mask (...) True at real tokens (None: every position is one).
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    mask: torch.Tensor | None
+
+
 class MoE(FP32Buffers):
     """DeepSeekMoE layer: h + sum_shared FFN(h) + sum_i g_i FFN_i(h) (eq. 12; the residual is the Block's).
 
     In training mode the layer counts the tokens each expert received (``tokens_per_expert``)
-    until ``update_bias`` consumes them, and keeps the last routing (``last_scores``,
-    ``last_indices``) for the balance losses. In eval mode nothing is counted and the bias
-    never moves. The count stays float32 in a bf16 model (``fp32_buffers``): bf16 counts
+    until ``update_bias`` consumes them (the trainer's ``MoEBalancing`` hook, which sums the
+    count over data-parallel ranks first). In eval mode nothing is counted and the bias never
+    moves. The routing of a forward pass goes to the ``routing`` list the caller passes, never
+    onto the layer, so micro-batches and ``torch.compile`` each get their own. The count stays float32 in a bf16 model (``fp32_buffers``): bf16 counts
     exactly only up to 256.
     """
 
@@ -218,18 +251,23 @@ class MoE(FP32Buffers):
         self.shared_experts = MLP(dim, n_shared_experts * moe_inter_dim) if n_shared_experts > 0 else None
         self.register_buffer("tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.float32),
                              persistent=False)
-        self.last_scores: torch.Tensor | None = None
-        self.last_indices: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                routing: list[Routing] | None = None) -> torch.Tensor:
+        """x (..., d) -> (..., d). ``token_mask`` (x.shape[:-1]), True at real tokens, keeps padding
+        out of the load count and the balance loss; ``routing``, if given, receives this call's
+        ``Routing``."""
         if x.shape[-1] != self.gate.weight.shape[1]:
             raise ValueError(f"MoE input has {x.shape[-1]} features, the layer expects {self.gate.weight.shape[1]}")
+        if token_mask is not None and token_mask.shape != x.shape[:-1]:
+            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, the input's tokens {tuple(x.shape[:-1])}")
         h = x.reshape(-1, x.shape[-1])
         weights, indices, scores = self.gate(h)
-        self.last_scores = scores.view(*x.shape[:-1], -1)
-        self.last_indices = indices.view(*x.shape[:-1], -1)
+        if routing is not None:
+            routing.append(Routing(scores.view(*x.shape[:-1], -1), indices.view(*x.shape[:-1], -1), token_mask))
         if self.training:
-            self.tokens_per_expert += expert_load(indices, self.n_routed_experts)
+            mask = None if token_mask is None else token_mask.reshape(-1)
+            self.tokens_per_expert += expert_load(indices, self.n_routed_experts, mask)
         run = moe_dispatch if self.dispatch == "sorted" and not h.is_meta else moe_naive  # meta: shapes only
         y = run(h, weights, indices, self.experts)
         if self.shared_experts is not None:
@@ -247,16 +285,14 @@ class MoE(FP32Buffers):
         self.tokens_per_expert.zero_()
 
     @torch.no_grad()
-    def update_bias(self, gamma: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def update_bias(self, gamma: float) -> torch.Tensor:
         """Apply the bias update from the load counted since the last call, then reset the count.
 
-        Call once per optimizer step. Under torch.distributed the load is first summed over the
-        ranks of ``group`` (the data-parallel ranks), so every rank applies the same update.
+        Call once per optimizer step, in one process. With several data-parallel ranks the load
+        must first be summed over them, which the training code does (``MoEBalancing``, chapter 06).
         Returns the load that was used.
         """
         load = self.tokens_per_expert.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load, group=group)
         if gamma and load.sum() > 0:
             update_bias(self.gate.bias, load, gamma)
         self.tokens_per_expert.zero_()
@@ -291,15 +327,16 @@ def update_biases(model: nn.Module, gamma: float) -> list[torch.Tensor]:
     return [layer.update_bias(gamma) for layer in moe_layers(model)]
 
 
-def balance_loss(model: nn.Module, kind: str, alpha: float) -> torch.Tensor | None:
-    """The balance loss of the last forward pass summed over MoE layers ('sequence' or 'batch').
+def balance_loss(routing: list[Routing], kind: str, alpha: float) -> torch.Tensor | None:
+    """The balance loss of one forward pass summed over its MoE layers ('sequence' or 'batch').
 
-    Returns None for ``kind='none'``, for ``alpha == 0`` and for a model without MoE layers.
+    ``routing`` is what the pass reported, one ``Routing`` per MoE layer
+    (``model(x, return_aux=True)[1]["routing"]``). Returns None for ``kind='none'``, for
+    ``alpha == 0`` and for a pass without MoE layers.
     """
     if kind not in ("none", "sequence", "batch"):
         raise ValueError(f"balance loss kind ({kind!r}) must be 'none', 'sequence' or 'batch'")
-    layers = moe_layers(model)
-    if kind == "none" or not alpha or not layers:
+    if kind == "none" or not alpha or not routing:
         return None
     loss_fn = sequence_balance_loss if kind == "sequence" else batch_balance_loss
-    return sum(loss_fn(layer.last_scores, layer.last_indices, alpha) for layer in layers)
+    return sum(loss_fn(r.scores, r.indices, alpha, r.mask) for r in routing)

@@ -493,8 +493,8 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                 x, y = x.to(device), y.to(device)
                 extra: dict[str, torch.Tensor] = {}
                 with _autocast(device):
-                    output = forward(x)
-                    loss = _lm_loss(output, y)
+                    output = forward(x, return_aux=True)     # (logits, aux): aux["routing"] for MoE
+                    loss = _lm_loss(output[0], y)
                     for hook in hooks:
                         _add(extra, hook.extra_loss(model, (x, y), output, step), hook, "adds the loss")
                 optimizer.zero_grad(set_to_none=True)

@@ -59,8 +59,8 @@ def test_compiled_toy_equals_eager_forward_and_backward(fresh_dynamo):
     x, y = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
 
     def step(module: nn.Module, owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = module(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + balance_loss(owner, "sequence", 0.01)
+        logits, aux = module(x, return_aux=True)      # the routing comes out of the (compiled) forward
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + balance_loss(aux["routing"], "sequence", 0.01)
         loss.backward()
         return logits.detach(), loss.detach()
 
@@ -84,9 +84,9 @@ class CompileSpy(nn.Module):
         super().__init__()
         self.model, self.modes = model, []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs):
         self.modes.append("train" if self.model.training else "eval")
-        return self.model(x)
+        return self.model(x, **kwargs)
 
 
 def test_train_with_compile_trains_through_the_compiled_module_and_evaluates_eagerly(monkeypatch):

@@ -65,8 +65,9 @@ def hand_written_moe_run(config, cfg: TrainConfig, data) -> tuple[nn.Module, dic
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule(step, cfg)
         x, y, _ = batcher.next_batch()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        bal = balance_loss(model, cfg.balance_loss, cfg.balance_loss_alpha)
+        logits, aux = model(x, return_aux=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        bal = balance_loss(aux["routing"], cfg.balance_loss, cfg.balance_loss_alpha)
         optimizer.zero_grad(set_to_none=True)
         (loss if bal is None else loss + bal).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -169,7 +170,9 @@ class Recorder(TrainHook):
     def extra_loss(self, model, batch, output, step):
         self.calls.append(("extra_loss", step))
         x, y = batch
-        assert output.shape == (*x.shape, model.config.vocab_size) and y.shape == x.shape
+        logits, aux = output
+        assert logits.shape == (*x.shape, model.config.vocab_size) and y.shape == x.shape
+        assert aux == {"routing": []}                                 # a dense model: no MoE routing
         self.before = model.head.weight.detach().clone()
         return {"l2": 1e-3 * sum(p.pow(2).sum() for p in model.parameters())}
 
