@@ -35,7 +35,7 @@ from torch import nn
 from deepseek_mini.layers import MLP
 from deepseek_mini.precision import FP32Buffers
 
-__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'Routing', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
+__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'moe_permute', 'LocalDispatcher', 'moe_experts', 'moe_combine', 'moe_staged', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'Routing', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
 
 
 # --- notebooks/03_moe.ipynb: 3. Build it: routing
@@ -146,6 +146,59 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
+# --- notebooks/03_moe.ipynb: 4. Dispatch: naive and efficient
+def moe_permute(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Stage 1: the T*K (token, expert) pairs sorted by expert (stable argsort).
+
+    Returns the gathered tokens (T*K, d), each expert's rows contiguous, the sort ``order`` of the
+    flat pairs, the ``token`` each sorted row came from, and the tokens per expert (``counts``).
+    """
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    token = order // k
+    return x.index_select(0, token), order, token, counts   # index_select: deterministic backward
+
+
+class LocalDispatcher:
+    """Stage 2, the exchange, on one process: every expert is local, so nothing moves.
+
+    Expert parallelism (chapter 06) plugs in here: ``dispatch`` becomes an all-to-all that sends
+    each expert's rows to the rank holding it (and returns the counts that rank received),
+    ``combine`` the all-to-all that brings the outputs back in the original order.
+    """
+
+    def dispatch(self, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        return rows, counts
+
+    def combine(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return rows
+
+
+def moe_experts(rows: torch.Tensor, counts: list[int], experts: nn.ModuleList) -> torch.Tensor:
+    """Stage 3: each expert runs once on its contiguous slice of rows."""
+    chunks = rows.split(counts)
+    return torch.cat([experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0])
+
+
+def moe_combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+                like: torch.Tensor) -> torch.Tensor:
+    """Stage 4: weight each row by its gate and sum it back into its token's row (``index_add_``)."""
+    out = out * weights.flatten().index_select(0, order).unsqueeze(-1)
+    return torch.zeros_like(like).index_add_(0, token, out.to(like.dtype))
+
+
+def moe_staged(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList,
+               dispatcher: LocalDispatcher | None = None) -> torch.Tensor:
+    """``moe_dispatch`` as permute -> exchange -> experts -> combine, the exchange injectable."""
+    dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
+    rows, order, token, counts = moe_permute(x, indices, len(experts))
+    rows, local_counts = dispatcher.dispatch(rows, counts)
+    out = dispatcher.combine(moe_experts(rows, local_counts, experts), counts)
+    return moe_combine(out, weights, order, token, x)
+
+
 # --- notebooks/03_moe.ipynb: 5. Load balancing: the problem and two remedies
 def expert_load(indices: torch.Tensor, n_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens sent to each expert (float, length N_r): c_i in the bias-update rule.
@@ -241,10 +294,11 @@ class MoE(FP32Buffers):
 
     def __init__(self, dim: int, *, moe_inter_dim: int, n_routed_experts: int, n_shared_experts: int, topk: int,
                  n_group: int = 1, topk_group: int = 1, route_scale: float = 1.0, score_func: str = "sigmoid",
-                 normalize: bool = True, dispatch: str = "sorted") -> None:
+                 normalize: bool = True, dispatch: str = "sorted", dispatcher: LocalDispatcher | None = None) -> None:
         super().__init__()
         _check_moe_dims(n_routed_experts, topk, n_group, topk_group, dispatch)
         self.n_routed_experts, self.topk, self.dispatch = n_routed_experts, topk, dispatch
+        self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher   # the exchange: EP in chapter 06
         self.gate = Gate(dim, n_routed_experts, topk, n_group=n_group, topk_group=topk_group,
                          route_scale=route_scale, score_func=score_func, normalize=normalize)
         self.experts = nn.ModuleList(MLP(dim, moe_inter_dim) for _ in range(n_routed_experts))
@@ -268,8 +322,10 @@ class MoE(FP32Buffers):
         if self.training:
             mask = None if token_mask is None else token_mask.reshape(-1)
             self.tokens_per_expert += expert_load(indices, self.n_routed_experts, mask)
-        run = moe_dispatch if self.dispatch == "sorted" and not h.is_meta else moe_naive  # meta: shapes only
-        y = run(h, weights, indices, self.experts)
+        if self.dispatch == "sorted" and not h.is_meta:
+            y = moe_staged(h, weights, indices, self.experts, self.dispatcher)
+        else:
+            y = moe_naive(h, weights, indices, self.experts)     # meta: shapes only
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         return y.view(x.shape)

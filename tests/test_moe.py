@@ -17,8 +17,8 @@ from deepseek_mini import build_model, count_parameters, load_config
 from deepseek_mini.layers import MLP
 from deepseek_mini.mla import MLA
 from deepseek_mini.moe import (MoE, Gate, balance_loss, batch_balance_loss, expert_load, group_limited_topk,
-                               max_violation, moe_dispatch, moe_layers, moe_naive, routing_weights,
-                               sequence_balance_loss, update_bias, update_biases)
+                               LocalDispatcher, max_violation, moe_dispatch, moe_layers, moe_naive, moe_staged,
+                               routing_weights, sequence_balance_loss, update_bias, update_biases)
 
 # A tiny MLA + MoE model: 2 layers (layer 0 dense, layer 1 MoE), 8 routed experts in 4 groups.
 TINY_MOE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
@@ -428,15 +428,50 @@ def test_sorted_dispatch_equals_naive_and_a_token_loop(case):
         return y.detach(), [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, [x, w, *params])]
 
     y_ref, g_ref = run(moe_by_hand)
-    for fn in (moe_naive, moe_dispatch):
+    for fn in (moe_naive, moe_dispatch, moe_staged):
         y, grads = run(fn)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
         for got, want in zip(grads, g_ref):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the staged path (permute -> exchange -> experts -> combine) is moe_dispatch's arithmetic, exactly
+    (y_fast, g_fast), (y_staged, g_staged) = run(moe_dispatch), run(moe_staged)
+    assert torch.equal(y_staged, y_fast) and all(torch.equal(a, b) for a, b in zip(g_staged, g_fast))
     idle = sorted(set(range(n)) - set(indices.flatten().tolist()))
     for e in idle:                                  # experts with no token: zero gradient
         assert all(gr.abs().sum() == 0 for gr in g_ref[2 + 3 * e: 5 + 3 * e])
     assert y_ref.abs().sum() > 0
+
+
+class _ReversingDispatcher(LocalDispatcher):
+    """A stand-in for chapter 06's all-to-all: moves the rows (reversed experts' order, as if
+    sent to another rank) and brings the outputs back; records that it was called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def dispatch(self, rows, counts):
+        self.calls.append("dispatch")
+        chunks = rows.split(counts)
+        return torch.cat(chunks[::-1]), counts[::-1]
+
+    def combine(self, rows, counts):
+        self.calls.append("combine")
+        return torch.cat(rows.split([c for c in counts[::-1] if c > 0])[::-1])
+
+
+def test_the_exchange_is_injectable_into_the_moe_layer():
+    # The reversing exchange runs expert e's rows under the name of expert n-1-e; combined back, the
+    # output is right only if the layer calls the dispatcher and uses what it returns.
+    moe = make_moe(dim=8, inter=6, n_experts=4, n_shared=0, topk=2, seed=3)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    want = moe(x)
+    reversing = _ReversingDispatcher()
+    moe.experts = torch.nn.ModuleList(list(moe.experts)[::-1])      # expert e now sits at n-1-e
+    moe.dispatcher = reversing
+    torch.testing.assert_close(moe(x), want, rtol=1e-6, atol=1e-7)
+    assert reversing.calls == ["dispatch", "combine"]
+    moe.dispatcher = LocalDispatcher()                              # the local exchange now runs the wrong experts
+    assert not torch.allclose(moe(x), want, atol=1e-3)
 
 
 class _Dispatch(torch.nn.Module):
