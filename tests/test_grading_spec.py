@@ -60,11 +60,16 @@ def _code(source: str, **nbgrader) -> nbformat.NotebookNode:
 SOLUTION = _code("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION", solution=True, grade_id="f")
 
 
-def test_generation_writes_the_spec_and_carries_the_chapter_id(tmp_path, monkeypatch):
+@pytest.fixture
+def course_dirs(tmp_path, monkeypatch):
+    """solutions_dir/ (empty), exercises_dir/ and grading_dir/ under tmp_path stand in for the course's."""
     for name in ("SOLUTIONS_DIR", "EXERCISES_DIR", "GRADING_DIR"):
         monkeypatch.setattr(exercises, name, tmp_path / name.lower())
     monkeypatch.setattr(exercises, "REPO_DIR", tmp_path)
     (tmp_path / "solutions_dir").mkdir()
+
+
+def test_generation_writes_the_spec_and_carries_the_chapter_id(tmp_path, course_dirs):
     check = _code("checks.check_f(f)", grade=True, grade_id="f_check", points=3)
     nbformat.write(_notebook(SOLUTION, check), tmp_path / "solutions_dir" / "07_yarn.ipynb")
     exercises.generate()
@@ -104,13 +109,9 @@ def test_a_solution_cell_followed_by_another_solution_names_both():
                                "(solution cell 'g' comes first)")
 
 
-def test_generation_deletes_only_what_it_generated(tmp_path, monkeypatch):
+def test_generation_deletes_only_what_it_generated(tmp_path, course_dirs):
     # A chapter removed from solutions/ takes its exercise notebook with it; a learner's copy of
     # an exercise notebook (same chapter id, another file name) and other notebooks stay.
-    for name in ("SOLUTIONS_DIR", "EXERCISES_DIR", "GRADING_DIR"):
-        monkeypatch.setattr(exercises, name, tmp_path / name.lower())
-    monkeypatch.setattr(exercises, "REPO_DIR", tmp_path)
-    (tmp_path / "solutions_dir").mkdir()
     check = _code("checks.check_f(f)", grade=True, grade_id="f_check", points=1)
     for stem in ("07_yarn", "08_grpo"):
         nbformat.write(_notebook(SOLUTION, check, chapter=stem), tmp_path / "solutions_dir" / f"{stem}.ipynb")
