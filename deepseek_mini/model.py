@@ -180,9 +180,19 @@ class Transformer(FP32Buffers):
             if self.config.tie_word_embeddings and self.embed is not None:
                 self.head.weight = self.embed.weight     # moving off the meta device replaced the parameters
             init_linear(self.head, std, generator)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Fill the buffers no checkpoint holds (``to_empty`` leaves them uninitialised): the
+        RoPE tables, recomputed, and the MoE layers' token counts, zeroed. ``init_weights`` and
+        ``from_pretrained`` both end with it."""
         cos, sin = self._rope_tables()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for name, buffer in self.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buffer.zero_()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
         """An empty KV cache for each layer this model (or stage) holds, keyed by layer id like

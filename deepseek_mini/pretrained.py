@@ -276,7 +276,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
         model.head.weight = model.embed.weight
     loader = _Loader(model, config, locations, where, mtp_depth, permute_rope, block)
     loader.load(directory)
-    _reset_runtime_buffers(model)
+    model.reset_buffers()
     return model.eval()
 
 
@@ -451,16 +451,6 @@ def _interleave_rope_rows(weight: torch.Tensor, key: str, config: ModelConfig) -
     per_head = weight.view(config.num_attention_heads, config.qk_head_dim, -1)   # rows: per head [nope; rope]
     nope, rope = per_head.split([config.qk_nope_head_dim, dr], dim=1)
     return torch.cat([nope, rope[:, order]], dim=1).flatten(0, 1)
-
-
-def _reset_runtime_buffers(model: Transformer) -> None:
-    """Fill what no checkpoint holds: the RoPE tables and the MoE load counters."""
-    cos, sin = model._rope_tables()
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
-    for name, buffer in model.named_buffers():
-        if name.endswith("tokens_per_expert"):
-            buffer.zero_()
 
 
 # ------------------------------------------------------------------------ saving

@@ -155,15 +155,22 @@ def test_generation_ends_when_every_row_has_stopped():
     assert model.calls == 2                    # prefill + one decode step, then it stopped
 
 
-def test_stop_token_with_a_real_model_whose_head_is_rigged():
-    # Zero head + a bias on token 258 (eos): every position's argmax is 258, so greedy
-    # decoding stops after one token even though 5 were allowed.
+def _always_says(token: int) -> nn.Module:
+    """A real toy model whose head is rigged: zero weights plus a bias on ``token``, so every
+    position's argmax is ``token``."""
     m = build_model(load_config("toy-dense", **TINY), seed=0).eval()
     with torch.no_grad():
         m.head.weight.zero_()
     bias = torch.zeros(260)
-    bias[258] = 1.0
+    bias[token] = 1.0
     m.head = nn.Sequential(m.head, _AddBias(bias))
+    return m
+
+
+def test_stop_token_with_a_real_model_whose_head_is_rigged():
+    # Zero head + a bias on token 258 (eos): every position's argmax is 258, so greedy
+    # decoding stops after one token even though 5 were allowed.
+    m = _always_says(258)
     out = generate(m, torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=5, temperature=0.0, stop_token=258)
     assert out.tolist() == [[1, 2, 3, 258], [4, 5, 6, 258]]
     # Without a stop token the same model fills all 5 positions.
@@ -260,12 +267,7 @@ def test_logprobs_of_the_tensor_path_and_after_a_stop():
 
 
 def test_ragged_rows_end_at_their_own_stop_token():
-    m = build_model(load_config("toy-dense", **TINY), seed=0).eval()
-    with torch.no_grad():
-        m.head.weight.zero_()
-    bias = torch.zeros(260)
-    bias[258] = 1.0
-    m.head = nn.Sequential(m.head, _AddBias(bias))
+    m = _always_says(258)
     seqs = generate(m, [torch.tensor([1, 2, 3]), torch.tensor([4])], 5, temperature=0, stop_token=258)
     assert [s.tolist() for s in seqs] == [[1, 2, 3, 258], [4, 258]]
 
