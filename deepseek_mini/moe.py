@@ -35,7 +35,7 @@ from torch import nn
 from deepseek_mini.layers import MLP
 from deepseek_mini.precision import FP32Buffers
 
-__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'moe_permute', 'LocalDispatcher', 'moe_experts', 'moe_combine', 'moe_staged', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'Routing', 'MoE', 'moe_layers', 'update_biases', 'balance_loss']
+__all__ = ['group_limited_topk', 'routing_weights', 'Gate', 'moe_naive', 'moe_dispatch', 'moe_permute', 'LocalDispatcher', 'moe_experts', 'moe_combine', 'moe_staged', 'grouped_mm_supported', 'grouped_linear', 'GroupedExperts', 'expert_load', 'max_violation', 'update_bias', 'sequence_balance_loss', 'batch_balance_loss', 'Routing', 'MoE', 'moe_every_expert', 'moe_layers', 'update_biases', 'balance_loss']
 
 
 # --- notebooks/03_moe.ipynb: 3. Build it: routing
@@ -176,8 +176,14 @@ class LocalDispatcher:
         return rows
 
 
-def moe_experts(rows: torch.Tensor, counts: list[int], experts: nn.ModuleList) -> torch.Tensor:
-    """Stage 3: each expert runs once on its contiguous slice of rows."""
+def moe_experts(rows: torch.Tensor, counts: list[int], experts: nn.Module) -> torch.Tensor:
+    """Stage 3: each expert runs once on its contiguous slice of rows.
+
+    ``experts`` is a ``ModuleList`` of N_r ``MLP``s, or a module that runs every slice itself
+    given the counts (``GroupedExperts``, below: one weight per projection for all experts).
+    """
+    if not isinstance(experts, nn.ModuleList):
+        return experts(rows, counts)
     chunks = rows.split(counts)
     return torch.cat([experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0])
 
@@ -197,6 +203,87 @@ def moe_staged(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, ex
     rows, local_counts = dispatcher.dispatch(rows, counts)
     out = dispatcher.combine(moe_experts(rows, local_counts, experts), counts)
     return moe_combine(out, weights, order, token, x)
+
+
+# --- notebooks/03_moe.ipynb: 4. Dispatch: naive and efficient
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes rows ``x`` (n, in) and stacked ``weight`` (E, out, in) as they are.
+
+    Measured with torch 2.13: on CPU float32, bfloat16 and float16 run, forward and backward; on
+    CUDA bfloat16; under ``torch.compile`` bfloat16 only (its shape rule rejects the rest). Every
+    row of both operands must start on a 16-byte boundary. Anything else (float64 for gradcheck,
+    an odd width, the meta device, an older torch) takes the loop.
+    """
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False
+    dtypes = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
+    aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])
+    return x.dtype in dtypes.get(x.device.type, ()) and aligned
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of expert e times ``weight[e]`` transposed: x (n, in), weight (E, out, in) -> (n, out).
+
+    The rows are sorted by expert, ``counts[e]`` of them for expert e (``moe_permute``): one
+    grouped GEMM where the installed torch supports it, else one product per expert.
+    """
+    if grouped_mm_supported(x, weight):
+        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)   # where each expert's rows end
+        return F.grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
+    return torch.cat([rows @ weight[e].T for e, rows in enumerate(x.split(counts))])
+
+
+class GroupedExperts(nn.Module):
+    """The N_r routed experts as three stacked weights: w1, w3 (E, inter, d) and w2 (E, d, inter).
+
+    Expert e computes w2[e] (silu(w1[e] x) * w3[e] x), exactly the ``MLP`` it replaces; each
+    projection runs for all experts at once (``grouped_linear``). Checkpoints that name every
+    expert (``experts.{e}.w1.weight``, the released layout and chapter 03's ``ModuleList``) load:
+    a pre-hook stacks their tensors.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.register_load_state_dict_pre_hook(_stack_per_expert_tensors)
+
+    def __len__(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """rows (n, d) sorted by expert, ``counts[e]`` for expert e -> (n, d)."""
+        if len(counts) != len(self) or sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts must give the rows of each of the {len(self)} experts and sum to "
+                             f"{rows.shape[0]}, got {len(counts)} counts summing to {sum(counts)}")
+        hidden = F.silu(grouped_linear(rows, self.w1, counts)) * grouped_linear(rows, self.w3, counts)
+        return grouped_linear(hidden, self.w2, counts)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """N(0, std^2), drawn expert by expert in the order N_r separate ``MLP``s would draw."""
+        for e in range(len(self)):
+            for weight in (self.w1, self.w2, self.w3):
+                weight[e].normal_(0.0, std, generator=generator)
+
+    @classmethod
+    def from_modules(cls, experts: nn.ModuleList) -> GroupedExperts:
+        """Stack a ``ModuleList`` of ``MLP`` experts (copies: the two do not share storage)."""
+        inter_dim, dim = experts[0].w1.weight.shape
+        stacked = cls(len(experts), dim, inter_dim).to(experts[0].w1.weight)
+        stacked.load_state_dict(experts.state_dict())     # per-expert names: the pre-hook stacks them
+        return stacked
+
+
+def _stack_per_expert_tensors(module: GroupedExperts, state_dict: dict, prefix: str, *args) -> None:
+    """Load-time hook: ``{prefix}{e}.w1.weight`` for every expert e -> one ``{prefix}w1`` (E, out, in)."""
+    for name in ("w1", "w2", "w3"):
+        keys = [f"{prefix}{e}.{name}.weight" for e in range(len(module))]
+        if prefix + name not in state_dict and all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 # --- notebooks/03_moe.ipynb: 5. Load balancing: the problem and two remedies
@@ -282,12 +369,17 @@ class Routing(NamedTuple):
 class MoE(FP32Buffers):
     """DeepSeekMoE layer: h + sum_shared FFN(h) + sum_i g_i FFN_i(h) (eq. 12; the residual is the Block's).
 
+    The routed experts are stacked (``GroupedExperts``); ``dispatch='sorted'`` runs them on their
+    tokens only (permute -> exchange -> experts -> combine), ``'naive'`` runs every expert on every
+    token and masks by the gates, the reference (and the path on the meta device, where no token
+    counts exist).
+
     In training mode the layer counts the tokens each expert received (``tokens_per_expert``)
     until ``update_bias`` consumes them (the trainer's ``MoEBalancing`` hook, which sums the
     count over data-parallel ranks first). In eval mode nothing is counted and the bias never
     moves. The routing of a forward pass goes to the ``routing`` list the caller passes, never
-    onto the layer, so micro-batches and ``torch.compile`` each get their own. The count stays float32 in a bf16 model (``fp32_buffers``): bf16 counts
-    exactly only up to 256.
+    onto the layer, so micro-batches and ``torch.compile`` each get their own. The count stays
+    float32 in a bf16 model (``fp32_buffers``): bf16 counts exactly only up to 256.
     """
 
     fp32_buffers = ("tokens_per_expert",)
@@ -301,7 +393,7 @@ class MoE(FP32Buffers):
         self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher   # the exchange: EP in chapter 06
         self.gate = Gate(dim, n_routed_experts, topk, n_group=n_group, topk_group=topk_group,
                          route_scale=route_scale, score_func=score_func, normalize=normalize)
-        self.experts = nn.ModuleList(MLP(dim, moe_inter_dim) for _ in range(n_routed_experts))
+        self.experts = GroupedExperts(n_routed_experts, dim, moe_inter_dim)
         self.shared_experts = MLP(dim, n_shared_experts * moe_inter_dim) if n_shared_experts > 0 else None
         self.register_buffer("tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.float32),
                              persistent=False)
@@ -325,7 +417,7 @@ class MoE(FP32Buffers):
         if self.dispatch == "sorted" and not h.is_meta:
             y = moe_staged(h, weights, indices, self.experts, self.dispatcher)
         else:
-            y = moe_naive(h, weights, indices, self.experts)     # meta: shapes only
+            y = moe_every_expert(h, weights, indices, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         return y.view(x.shape)
@@ -334,8 +426,7 @@ class MoE(FP32Buffers):
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         """Router, routed and shared experts ~ N(0, std^2); the load count starts at 0."""
         self.gate.init_weights(std, generator)
-        for expert in self.experts:
-            expert.init_weights(std, generator)
+        self.experts.init_weights(std, generator)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, generator)
         self.tokens_per_expert.zero_()
@@ -356,8 +447,17 @@ class MoE(FP32Buffers):
 
     def inactive_parameters(self) -> int:
         """Routed-expert parameters one token does not use: (N_r - K_r) experts' worth."""
-        per_expert = sum(p.numel() for p in self.experts[0].parameters())
+        per_expert = sum(p[0].numel() for p in self.experts.parameters())
         return (self.n_routed_experts - self.topk) * per_expert
+
+
+def moe_every_expert(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                     experts: GroupedExperts) -> torch.Tensor:
+    """``moe_naive`` for stacked experts: all N_r experts on all T tokens, weighted by the gates (0 if not chosen)."""
+    n_experts, n_tokens = len(experts), x.shape[0]
+    out = experts(x.repeat(n_experts, 1), [n_tokens] * n_experts).view(n_experts, *x.shape)   # (N_r, T, d)
+    gates = torch.zeros(n_tokens, n_experts, dtype=weights.dtype, device=x.device).scatter(1, indices, weights)
+    return torch.einsum("te,etd->td", gates, out.to(gates.dtype)).to(x.dtype)
 
 
 def _check_moe_dims(n_routed_experts: int, topk: int, n_group: int, topk_group: int, dispatch: str) -> None:

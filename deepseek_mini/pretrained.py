@@ -18,7 +18,8 @@ Hugging Face (``model.layers.{i}.`` prefix inside a layer)     deepseek_mini (``
 ``mlp.gate_proj``, ``up_proj``, ``down_proj`` (dense layer)   ``ffn.w1``, ``ffn.w3``, ``ffn.w2``
 ``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``     ``ffn.gate.weight``, ``ffn.gate.bias``
 ``mlp.shared_experts.{gate,up,down}_proj``                    ``ffn.shared_experts.w1/w3/w2``
-``mlp.experts.{e}.{gate,up,down}_proj`` (released layout)     ``ffn.experts.{e}.w1/w3/w2``
+``mlp.experts.{e}.{gate,up,down}_proj`` (released layout)     ``ffn.experts.w1[e]``, ``w3[e]``,
+                                                              ``w2[e]``: stacked (E, out, in)
 ``mlp.experts.gate_up_proj`` (E, 2I, d), ``down_proj``        the same, fused in transformers 5.x:
 (E, d, I)                                                     rows [0, I) of expert e are w1
 ============================================================  =====================================
@@ -107,6 +108,7 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _OUR_EXPERT_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_STACKED_RE = re.compile(r"(layers\.\d+\.ffn\.experts)\.(w[123])")     # GroupedExperts: (E, out, in)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 
@@ -129,6 +131,26 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
                          f"shape {expected}, got {tuple(scale_inv.shape)}")
     scale = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
     return (weight.float() * scale).to(dtype)
+
+
+def _per_expert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each stacked expert weight (E, out, in) split into E views, one per expert.
+
+    Our MoE layers stack their routed experts (``GroupedExperts``: ``layers.{i}.ffn.experts.w1``);
+    the released checkpoint names every expert. Under the per-expert names
+    ``layers.{i}.ffn.experts.{e}.w1.weight`` (expert by expert, as N_r separate modules list them)
+    each checkpoint tensor has one target, and copying into a view fills the stacked weight.
+    """
+    split: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = _STACKED_RE.fullmatch(key)
+        if match is None:
+            split[key] = tensor
+        elif match[2] == "w1":                      # the layer's first stacked weight: emit all experts
+            for e in range(tensor.shape[0]):
+                for name in ("w1", "w2", "w3"):
+                    split[f"{match[1]}.{e}.{name}.weight"] = state[f"{match[1]}.{name}"][e]
+    return split
 
 
 # ------------------------------------------------------------------- config.json
@@ -313,7 +335,8 @@ class _Loader:
                  mtp_depth: int, permute_rope: bool, block: tuple[int, ...]) -> None:
         self.model, self.config, self.locations, self.where = model, config, locations, where
         self.permute_rope, self.block = permute_rope, block
-        self.targets = model.state_dict(keep_vars=True)
+        with torch.no_grad():                      # views of the stacked experts, filled in place
+            self.targets = _per_expert_state(model.state_dict(keep_vars=True))
         self.pending = set(self.targets) - ({"head.weight"} if config.tie_word_embeddings else set())
         n = config.num_hidden_layers
         self.mtp_layers = sorted({layer for name in locations if (layer := _layer_of(name)) is not None
@@ -469,7 +492,7 @@ def _hf_name(key: str) -> str:
 
 def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
     """(Hugging Face name, a function making the tensor, its size in bytes), in state-dict order."""
-    state = model.state_dict()
+    state = _per_expert_state(model.state_dict())
     for key, tensor in state.items():
         if key == "head.weight" and model.config.tie_word_embeddings:
             continue
@@ -479,10 +502,9 @@ def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str,
         elif expert[2] == "0" and expert[3] == "w1":       # the layer's first expert: write the fused pair
             moe, prefix = model.layers[expert[1]].ffn, f"model.layers.{expert[1]}.mlp.experts."
             size = sum(p.numel() * p.element_size() for p in moe.experts.parameters())
-            yield (prefix + "gate_up_proj",
-                   lambda m=moe: torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in m.experts]),
-                   size * 2 // 3)
-            yield (prefix + "down_proj", lambda m=moe: torch.stack([e.w2.weight for e in m.experts]), size // 3)
+            gate_up = lambda m=moe: torch.cat([m.experts.w1, m.experts.w3], dim=1)   # noqa: E731  (E, 2I, d)
+            yield prefix + "gate_up_proj", gate_up, size * 2 // 3
+            yield prefix + "down_proj", lambda m=moe: m.experts.w2, size // 3
         if key.endswith("ffn.gate.bias") and model.config.n_shared_experts == 0:
             # transformers builds a zero-width shared expert for N_s = 0: give it its empty tensors
             d, dtype = model.config.hidden_size, model.embed.weight.dtype

@@ -386,11 +386,15 @@ def test_deepseek_v3_preset_keeps_official_values_and_build_model_names_both_cha
 # ------------------------------------------------------------------ per-module init, dtype policy
 def _old_central_init(model: Transformer, generator: torch.Generator) -> None:
     """The central isinstance switch init_weights replaced: one walk over model.modules()."""
-    from deepseek_mini.moe import Gate, MoE
+    from deepseek_mini.moe import Gate, GroupedExperts, MoE
     std = model.config.initializer_range
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            if isinstance(module, GroupedExperts):        # then N_r MLP modules, each drawing w1, w2, w3
+                for e in range(len(module)):
+                    for weight in (module.w1, module.w2, module.w3):
+                        weight[e].normal_(0.0, std, generator=generator)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0.0, std, generator=generator)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()

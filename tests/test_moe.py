@@ -16,9 +16,10 @@ from torch.func import functional_call
 from deepseek_mini import build_model, count_parameters, load_config
 from deepseek_mini.layers import MLP
 from deepseek_mini.mla import MLA
-from deepseek_mini.moe import (MoE, Gate, balance_loss, batch_balance_loss, expert_load, group_limited_topk,
-                               LocalDispatcher, max_violation, moe_dispatch, moe_layers, moe_naive, moe_staged,
-                               routing_weights, sequence_balance_loss, update_bias, update_biases)
+from deepseek_mini.moe import (Gate, GroupedExperts, LocalDispatcher, MoE, balance_loss, batch_balance_loss,
+                               expert_load, group_limited_topk, grouped_linear, grouped_mm_supported, max_violation,
+                               moe_dispatch, moe_layers, moe_naive, moe_staged, routing_weights, sequence_balance_loss,
+                               update_bias, update_biases)
 
 # A tiny MLA + MoE model: 2 layers (layer 0 dense, layer 1 MoE), 8 routed experts in 4 groups.
 TINY_MOE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
@@ -38,7 +39,7 @@ def make_moe(dim=8, inter=6, n_experts=8, n_shared=1, topk=2, n_group=1, topk_gr
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))   # (E, out, in): fan-in last
     return moe
 
 
@@ -62,8 +63,20 @@ def swiglu_by_hand(expert: MLP, x: torch.Tensor) -> torch.Tensor:
     return expert.w2.weight @ (a * torch.sigmoid(a) * b)
 
 
+def unstacked(experts: GroupedExperts) -> torch.nn.ModuleList:
+    """The stacked experts as N_r separate ``MLP`` modules (copies), chapter 03's reference layout."""
+    modules = torch.nn.ModuleList(MLP(experts.w1.shape[2], experts.w1.shape[1]) for _ in range(len(experts)))
+    with torch.no_grad():
+        for e, mlp in enumerate(modules):
+            for name in ("w1", "w2", "w3"):
+                getattr(mlp, name).weight.copy_(getattr(experts, name)[e])
+    return modules.to(experts.w1.dtype)
+
+
 def moe_by_hand(x, weights, indices, experts) -> torch.Tensor:
     """y_t = sum_k w_tk * expert_{i_tk}(x_t), token by token."""
+    if isinstance(experts, GroupedExperts):
+        experts = unstacked(experts)
     rows = []
     for t in range(x.shape[0]):
         y = torch.zeros_like(x[t])
@@ -412,7 +425,7 @@ def test_sorted_dispatch_equals_naive_and_a_token_loop(case):
     experts = torch.nn.ModuleList(MLP(dim, 5) for _ in range(n))
     with torch.no_grad():
         for p in experts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))   # (E, out, in): fan-in last
     pool = list(range(n)) if pool is None else pool
     indices = torch.tensor([[pool[j] for j in torch.randperm(len(pool), generator=g)[:k].tolist()]
                             for _ in range(T)])
@@ -466,7 +479,9 @@ def test_the_exchange_is_injectable_into_the_moe_layer():
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
     want = moe(x)
     reversing = _ReversingDispatcher()
-    moe.experts = torch.nn.ModuleList(list(moe.experts)[::-1])      # expert e now sits at n-1-e
+    with torch.no_grad():
+        for p in moe.experts.parameters():                          # expert e now sits at n-1-e
+            p.copy_(p.flip(0))
     moe.dispatcher = reversing
     torch.testing.assert_close(moe(x), want, rtol=1e-6, atol=1e-7)
     assert reversing.calls == ["dispatch", "combine"]
@@ -525,6 +540,120 @@ def test_moe_module_naive_and_sorted_agree_with_shared_experts():
             torch.stack([swiglu_by_hand(sorted_moe.shared_experts, t) for t in h])
     torch.testing.assert_close(ya, by_hand.view(2, 5, 8), rtol=1e-5, atol=1e-6)
     assert pa["shared_experts.w1.weight"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- 7b. stacked experts
+def _experts_and_rows(n_experts=6, dim=16, inter=8, counts=(5, 0, 3, 1, 0, 7), dtype=torch.float32, seed=0):
+    """N_r reference MLP experts, their stacked copy, and rows sorted by expert (two experts idle)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = torch.nn.ModuleList(MLP(dim, inter) for _ in range(n_experts)).to(dtype)
+    with torch.no_grad():
+        for p in modules.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    rows = torch.randn(sum(counts), dim, generator=g, dtype=dtype)
+    return modules, GroupedExperts.from_modules(modules), rows, list(counts)
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "loop"])
+def test_stacked_experts_equal_the_module_list_forward_and_gradients(grouped_mm, monkeypatch):
+    # The chapter 03 reference (one MLP per expert, run slice by slice) and the stacked weights
+    # give the same rows and the same gradients, expert by expert, through both code paths.
+    if not grouped_mm:
+        monkeypatch.setattr("deepseek_mini.moe.grouped_mm_supported", lambda x, w: False)
+    elif not grouped_mm_supported(torch.ones(1, 16), torch.ones(2, 8, 16)):
+        pytest.skip("this torch has no F.grouped_mm for float32 on CPU")
+    modules, stacked, rows, counts = _experts_and_rows()
+    grad_out = torch.randn(rows.shape, generator=torch.Generator().manual_seed(1))
+    x_ref, x_new = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    y_ref = torch.cat([modules[e](chunk) for e, chunk in enumerate(x_ref.split(counts)) if counts[e]])
+    y_new = stacked(x_new, counts)
+    y_ref.backward(grad_out)
+    y_new.backward(grad_out)
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    for e, mlp in enumerate(modules):
+        for name in ("w1", "w2", "w3"):
+            want = getattr(mlp, name).weight.grad
+            got = getattr(stacked, name).grad[e]
+            if counts[e] == 0:
+                assert want is None and got.abs().sum() == 0, (e, name)   # an idle expert learns nothing
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"expert {e} {name}")
+
+
+def test_stacked_experts_in_the_staged_dispatch_equal_the_module_list():
+    modules, stacked, _, _ = _experts_and_rows()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 16, generator=g)
+    weights, indices = torch.rand(20, 2, generator=g), torch.randint(0, 6, (20, 2), generator=g)
+    torch.testing.assert_close(moe_staged(x, weights, indices, stacked), moe_dispatch(x, weights, indices, modules),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_gradcheck_stacked_experts_float64():
+    # float64 takes the loop (grouped_mm has no float64): d rows and d every stacked weight
+    modules, stacked, rows, counts = _experts_and_rows(n_experts=3, dim=4, inter=3, counts=(2, 0, 3),
+                                                       dtype=torch.float64)
+    rows.requires_grad_()
+    params = dict(stacked.named_parameters())
+    assert torch.autograd.gradcheck(
+        lambda x, w1, w2, w3: functional_call(stacked, {"w1": w1, "w2": w2, "w3": w3}, (x, counts)),
+        (rows, *(params[n].detach().clone().requires_grad_() for n in ("w1", "w2", "w3"))))
+
+
+def test_grouped_linear_takes_the_loop_where_grouped_mm_cannot_run():
+    assert not grouped_mm_supported(torch.ones(3, 4, dtype=torch.float64), torch.ones(2, 8, 4, dtype=torch.float64))
+    assert not grouped_mm_supported(torch.ones(3, 6), torch.ones(2, 8, 6))      # 24-byte rows: not 16-aligned
+    assert not grouped_mm_supported(torch.ones(3, 4, device="meta"), torch.ones(2, 8, 4, device="meta"))
+    w = torch.randn(3, 5, 6, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = torch.cat([x[:1] @ w[0].T, x[1:4] @ w[2].T])
+    assert torch.equal(grouped_linear(x, w, [1, 0, 3]), want)
+
+
+def test_stacked_init_draws_what_separate_mlps_draw():
+    modules = torch.nn.ModuleList(MLP(16, 8) for _ in range(4))
+    stacked = GroupedExperts(4, 16, 8)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for module in modules:
+        module.init_weights(0.02, g1)
+    stacked.init_weights(0.02, g2)
+    assert torch.equal(GroupedExperts.from_modules(modules).w2, stacked.w2)
+    assert all(torch.equal(getattr(stacked, n)[e], getattr(modules[e], n).weight)
+               for e in range(4) for n in ("w1", "w2", "w3"))
+
+
+def test_per_expert_checkpoint_names_load_into_stacked_experts():
+    # A state dict from the ModuleList layout (experts.{e}.w1.weight) loads into the MoE layer.
+    moe = make_moe(dim=16, inter=8, n_experts=4, n_shared=1, topk=2, seed=4)
+    old_layout = {k: v for k, v in moe.state_dict().items() if not k.startswith("experts.")}
+    for e, mlp in enumerate(unstacked(moe.experts)):
+        old_layout.update({f"experts.{e}.{k}": v for k, v in mlp.state_dict().items()})
+    fresh = MoE(16, moe_inter_dim=8, n_routed_experts=4, n_shared_experts=1, topk=2)
+    fresh.load_state_dict(old_layout)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), moe.state_dict().values()))
+    del old_layout["experts.2.w3.weight"]                       # one expert short: nothing is stacked, and strict says so
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"experts\.w3\""):
+        fresh.load_state_dict(old_layout)
+
+
+def test_stacked_experts_reject_counts_that_do_not_fit():
+    _, stacked, rows, counts = _experts_and_rows()
+    with pytest.raises(ValueError, match=r"counts must give the rows of each of the 6 experts and sum to 16"):
+        stacked(rows, counts[:-1])
+    with pytest.raises(ValueError, match=r"sum to 16, got 6 counts summing to 17"):
+        stacked(rows, [*counts[:-1], counts[-1] + 1])
+
+
+def test_671b_layout_is_three_stacked_weights_per_moe_layer():
+    # The build-time goal of stacked experts: per MoE layer, one module for all 256 routed experts.
+    model = build_model(load_config("deepseek-v3").replace(rope_scaling=None, num_nextn_predict_layers=0),
+                        device="meta")
+    layer = model.layers["3"].ffn
+    assert isinstance(layer.experts, GroupedExperts) and tuple(layer.experts.w1.shape) == (256, 2048, 7168)
+    assert tuple(layer.experts.w2.shape) == (256, 7168, 2048)
+    assert sum(1 for _ in model.modules()) < 2000                # 60,486 with 256 MLP modules per layer
+    assert round(count_parameters(model).total / 1e9, 2) == 671.03
 
 
 # ----------------------------------------------------------------------------- 8. float64 gradients
