@@ -79,8 +79,10 @@ class Block(nn.Module):
     """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
 
     ``attn`` is any module called as attn(x, rope, start_pos, cache, mask) and ``ffn`` any module
-    called as ffn(x): chapter 01 passes Attention and MLP, later chapters MLA and MoE. Each part
-    initialises itself (``init_weights``), so a block needs no knowledge of what it holds.
+    called as ffn(x, **ffn_inputs): chapter 01 passes Attention and MLP, later chapters MLA and
+    MoE, whose extra inputs (the token mask, the list that collects the routing) the model
+    passes as ``ffn_inputs``. Each part initialises itself (``init_weights``), so a block needs
+    no knowledge of what it holds.
     """
 
     def __init__(self, attn: nn.Module, ffn: nn.Module, dim: int, eps: float = 1e-6) -> None:
@@ -91,9 +93,10 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                start_pos: int | torch.Tensor = 0, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int | torch.Tensor = 0, cache=None, mask: torch.Tensor | None = None,
+                **ffn_inputs) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x), **ffn_inputs)
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         for part in (self.attn_norm, self.attn, self.ffn_norm, self.ffn):   # in the order they were built

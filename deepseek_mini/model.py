@@ -77,22 +77,8 @@ def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
                normalize=config.norm_topk_prob)
 
 
-class MoEBlock(Block):
-    """A ``Block`` whose ffn is DeepSeekMoE: it also hands the MoE layer the token mask (padding
-    loads no expert and adds nothing to the balance loss) and the list that collects the forward
-    pass's ``Routing``. Same parameters and state-dict keys as a ``Block``."""
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor = 0,
-                cache=None, mask: torch.Tensor | None = None, *, token_mask: torch.Tensor | None = None,
-                routing: list[Routing] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, start_pos, cache, mask)
-        return x + self.ffn(self.ffn_norm(x), token_mask, routing)
-
-
 def _make_block(config: ModelConfig, layer_id: int) -> Block:
-    ffn = _make_ffn(config, layer_id)
-    block = MoEBlock if isinstance(ffn, MoE) else Block
-    return block(_make_attention(config), ffn, config.hidden_size, config.rms_norm_eps)
+    return Block(_make_attention(config), _make_ffn(config, layer_id), config.hidden_size, config.rms_norm_eps)
 
 
 def _unbuilt_features(config: ModelConfig) -> list[str]:
@@ -256,7 +242,8 @@ class Transformer(FP32Buffers):
         h = x if self.embed is None else self.embed(x)
         rope, where, mask = self._attention_inputs(x.shape[0], x.shape[1], start_pos, cache, positions, padding_mask)
         for layer_id, layer in self.layers.items():
-            moe_inputs = {"token_mask": padding_mask, "routing": routing} if isinstance(layer, MoEBlock) else {}
+            # an MoE layer also takes the token mask (padding loads no expert) and the routing list
+            moe_inputs = {"token_mask": padding_mask, "routing": routing} if isinstance(layer.ffn, MoE) else {}
             h = layer(h, rope, where, None if cache is None else cache[layer_id], mask, **moe_inputs)
         return h if self.norm is None else self.norm(h)
 

@@ -209,18 +209,24 @@ def moe_staged(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, ex
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``F.grouped_mm`` takes rows ``x`` (n, in) and stacked ``weight`` (E, out, in) as they are.
 
-    Measured with torch 2.13: on CPU float32, bfloat16 and float16 run, forward and backward; on
-    CUDA bfloat16; under ``torch.compile`` bfloat16 only (its shape rule rejects the rest). Every
-    row of both operands must start on a 16-byte boundary. Anything else (float64 for gradcheck,
-    an odd width, the meta device, an older torch) takes the loop.
+    Measured, forward and backward: float32, bfloat16 and float16 on CPU (torch 2.13) and on an
+    H200 (torch 2.11); torch documents bfloat16 from compute capability 8.0; under
+    ``torch.compile`` bfloat16 only (its shape rule rejects the rest). Every row of both operands
+    must start on a 16-byte boundary. Anything else (float64 for gradcheck, an odd width, the
+    meta device, an older torch) takes the loop.
     """
     if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
-    dtypes = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
+    every = (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":
+        major = torch.cuda.get_device_capability(x.device)[0]
+        dtypes = every if major >= 9 else (torch.bfloat16,) if major == 8 else ()
+    else:
+        dtypes = every if x.device.type == "cpu" else ()
     aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])
-    return x.dtype in dtypes.get(x.device.type, ()) and aligned
+    return x.dtype in dtypes and aligned
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
