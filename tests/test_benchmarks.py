@@ -26,7 +26,8 @@ def load_script(name: str):
 
 
 TINY_MOE = ["--tokens", "8", "32", "--experts", "4:2", "8:3", "--dim", "16", "--inter-dim", "8",
-            "--repeats", "1", "--warmup", "0", "--threads", "1"]
+            "--min-run-time", "0.01", "--rounds", "2", "--threads", "1", "--device", "cpu"]
+MOE_METHODS = ["naive", "official", "sorted", "stacked-loop", "stacked"]
 
 
 @pytest.fixture
@@ -39,20 +40,95 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_moe_dispatch_runs_and_prints_its_table(backward, capsys, tmp_path, keep_torch_threads):
+def expected_stacked_path(dim: int, inter_dim: int, dtype) -> str:
+    """What the package's own rule says the stacked experts run at these widths."""
+    import torch
+
+    from deepseek_mini.moe import grouped_mm_supported
+
+    x, w = torch.ones(1, dim, dtype=dtype), torch.ones(2, inter_dim, dim, dtype=dtype)
+    return "grouped_mm" if grouped_mm_supported(x, w) else "loop"
+
+
+@pytest.mark.parametrize("backward, dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")],
+                         ids=["forward", "backward", "backward-bf16"])
+def test_moe_dispatch_runs_and_prints_its_table(backward, dtype, capsys, tmp_path, keep_torch_threads):
+    import torch
+
     moe = load_script("moe_dispatch")
     out_json = tmp_path / "moe.json"
-    rows = moe.main(TINY_MOE + ["--json", str(out_json)] + (["--backward"] if backward else []))
+    rows = moe.main(TINY_MOE + ["--dtype", dtype, "--json", str(out_json)] + (["--backward"] if backward else []))
     printed = capsys.readouterr().out
     assert [(r["tokens"], r["n_experts"], r["topk"]) for r in rows] == [(8, 4, 2), (32, 4, 2), (8, 8, 3), (32, 8, 3)]
+    path = expected_stacked_path(16, 8, getattr(torch, dtype))
+    tolerance = 1e-4 if dtype == "float32" else 5e-2
     for r in rows:
-        assert min(r["naive_ms"], r["official_ms"], r["efficient_ms"]) > 0
-        assert r["max_abs_diff"] < 1e-4             # the three dispatches agree (also asserted inside)
-    assert "naive/efficient" in printed and "official/efficient" in printed
-    assert "at the largest size (T=32, N_r=8, K_r=3" in printed and "naive/efficient = " in printed
+        assert list(r["ms"]) == MOE_METHODS and min(r["ms"].values()) > 0
+        assert r["speedup_vs_sorted"]["sorted"] == 1.0                      # ratios are against the old layer
+        assert r["speedup_vs_sorted"]["stacked"] == pytest.approx(r["ms"]["sorted"] / r["ms"]["stacked"])
+        assert max(r["max_abs_diff"].values()) < tolerance   # every method agrees with naive (also asserted inside)
+        assert r["stacked_path"] == path
+    assert printed.count(f"| stacked ({path})") == 4 and "stacked-loop" in printed and "torch.utils.benchmark" in printed
+    assert "at the largest size (T=32, N_r=8, K_r=3" in printed and "the speed of the old layer" in printed
     saved = json.loads(out_json.read_text())
     assert saved["rows"] == rows and saved["settings"]["backward"] is backward
+
+
+def test_moe_dispatch_reports_the_loop_where_grouped_mm_cannot_run(capsys, keep_torch_threads):
+    moe = load_script("moe_dispatch")
+    # An expert width of 6 float32 values is a 24-byte row: not 16-byte aligned, so no grouped_mm.
+    rows = moe.main(["--tokens", "8", "--experts", "4:2", "--dim", "16", "--inter-dim", "6", "--min-run-time",
+                     "0.01", "--rounds", "1", "--threads", "1", "--device", "cpu", "--backward"])
+    assert rows[0]["stacked_path"] == "loop" and "stacked (loop)" in capsys.readouterr().out
+
+
+def tiny_moe_calls(moe, backward: bool, n_experts: int = 6):
+    """The five methods' calls on 24 tokens routed to 2 of ``n_experts`` experts (d=16, width 8)."""
+    import torch
+
+    args = moe.parse_args(["--dim", "16", "--inter-dim", "8", "--device", "cpu"])
+    gate, module_list, stacked = moe.build(n_experts, 2, args, torch.device("cpu"), torch.float32)
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        weights, indices, _ = gate(x)
+    if backward:
+        x.requires_grad_(True)
+        weights.requires_grad_(True)
+    calls = {name: moe.make_call(name, x, weights, indices, stacked if name in moe.STACKED else module_list, backward)
+             for name in moe.METHODS}
+    return calls, module_list, stacked
+
+
+def test_moe_dispatch_agreement_check_catches_a_wrong_stacked_output():
+    import torch
+
+    moe = load_script("moe_dispatch")
+    calls, _, stacked = tiny_moe_calls(moe, backward=False)
+    assert max(moe.check_agreement(calls, 6, torch.float32).values()) < 1e-5
+    with torch.no_grad():
+        stacked.w2[3] *= 1.5                       # one expert's down projection no longer the ModuleList's
+    with pytest.raises(AssertionError, match="stacked-loop output differs from naive's"):
+        moe.check_agreement(calls, 6, torch.float32)
+
+
+def test_moe_dispatch_agreement_check_compares_stacked_gradients_expert_by_expert():
+    import torch
+
+    moe = load_script("moe_dispatch")
+    calls, module_list, stacked = tiny_moe_calls(moe, backward=True)
+    moe.check_agreement(calls, 6, torch.float32)
+    # The stacked gradient of expert e's projection is the ModuleList expert e's weight gradient.
+    named = moe.named_gradients("stacked", calls["stacked"]()[1], 6)
+    grads = calls["sorted"]()[1]
+    for e in range(6):
+        for p, proj in enumerate(moe.PROJECTIONS):
+            want = grads[2 + 3 * e + p]
+            want = torch.zeros_like(getattr(module_list[e], proj).weight) if want is None else want
+            torch.testing.assert_close(named[f"expert {e} {proj}"], want)
+    # A gradient that is wrong for one expert only, with the output untouched, is caught.
+    stacked.w3.register_hook(lambda g: g.index_fill(0, torch.tensor([2]), 1.0))    # expert 2's w3 gradient: all ones
+    with pytest.raises(AssertionError, match="stacked-loop expert 2 w3 gradient differs from naive's"):
+        moe.check_agreement(calls, 6, torch.float32)
 
 
 def test_moe_official_style_matches_the_package_dispatch():
@@ -72,11 +148,27 @@ def test_moe_official_style_matches_the_package_dispatch():
                                moe_dispatch(x, weights, indices, experts))
 
 
-def test_moe_dispatch_rejects_a_bad_expert_configuration(capsys):
+def test_moe_dispatch_rejects_bad_settings(capsys):
     moe = load_script("moe_dispatch")
     with pytest.raises(SystemExit):
         moe.parse_args(["--experts", "8:9"])
     assert "K_r <= N_r" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        moe.parse_args(["--device", "cpu", "--min-run-time", "0"])
+    assert "--min-run-time > 0" in capsys.readouterr().err
+
+
+def test_moe_build_warms_up_untimed_and_counts_modules(capsys, monkeypatch):
+    build = load_script("moe_build")
+    calls = []
+    real_build = build.build_model
+    monkeypatch.setattr(build, "build_model", lambda *a, **kw: calls.append(1) or real_build(*a, **kw))
+    times, n_modules = build.main(["--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert len(calls) == 2 and len(times) == 1        # one warm-up build, then the one timed
+    # Stacked experts: a handful of modules per layer, none per routed expert (58 layers x 256 of them).
+    assert 61 < n_modules < 58 * 256
+    assert f"{n_modules} modules" in printed and "untimed warm-up" in printed
 
 
 def test_mla_decode_runs_and_both_paths_agree(capsys, keep_torch_threads):
