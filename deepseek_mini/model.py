@@ -8,7 +8,11 @@ config *fields*, never from sizes:
 * attention: baseline MHA/GQA (``kv_lora_rank is None``) or Multi-head Latent Attention
   (chapter 02, DeepSeek-V3 §2.1.1), naive or absorbed by ``attn_impl``;
 * feed-forward: the dense SwiGLU MLP, or DeepSeekMoE from layer ``first_k_dense_replace``
-  on when ``n_routed_experts`` is set (chapter 03, §2.1.2).
+  on when ``n_routed_experts`` is set (chapter 03, §2.1.2);
+* Multi-Token Prediction: ``num_nextn_predict_layers`` = D MTP modules in ``model.mtp``
+  (chapter 04, §2.2), each with the block the config puts at index ``num_hidden_layers + k``;
+  they share ``embed`` and ``head`` with the main model by reference, and ``forward`` never
+  runs them (``deepseek_mini.mtp.mtp_logits`` does, from ``aux["hidden"]``).
 
 Construction never initialises weights; ``init_weights`` does (the torchtitan pattern),
 so ``build_model(config, device="meta")`` lays out even the 671B model instantly and
@@ -27,9 +31,8 @@ The model is also the platform later chapters build on:
   which would otherwise synchronise a GPU on every decoded token.
 
 A config field the model does not build yet is refused, never ignored: ``rope_scaling``
-(YaRN, chapter 07), ``num_nextn_predict_layers > 0`` (Multi-Token Prediction, chapter 04),
-``rope_interleave=False`` and ``attention_bias`` with MLA raise ``NotImplementedError``
-naming the field and the value that builds.
+(YaRN, chapter 07), ``rope_interleave=False`` and ``attention_bias`` with MLA raise
+``NotImplementedError`` naming the field and the value that builds.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.layers import MLP, Block, RMSNorm, init_linear
 from deepseek_mini.mla import MLA
 from deepseek_mini.moe import MoE, Routing
+from deepseek_mini.mtp import MTPModule
 from deepseek_mini.precision import FP32Buffers
 from deepseek_mini.rope import rope_cos_sin, rope_frequencies
 
@@ -87,10 +91,6 @@ def _unbuilt_features(config: ModelConfig) -> list[str]:
     if config.rope_scaling is not None:
         unbuilt.append("rope_scaling (YaRN) is built in chapter 07: set rope_scaling to None (null) "
                        "to build this model")
-    if config.num_nextn_predict_layers > 0:
-        unbuilt.append(f"num_nextn_predict_layers = {config.num_nextn_predict_layers} > 0 (Multi-Token "
-                       "Prediction) is built in chapter 04: set num_nextn_predict_layers to 0 to build "
-                       "this model")
     if not config.rope_interleave:
         unbuilt.append("rope_interleave=False (RoPE on split halves, the layout of some converted "
                        "checkpoints) is not built: deepseek_mini rotates interleaved pairs like "
@@ -101,10 +101,10 @@ def _unbuilt_features(config: ModelConfig) -> list[str]:
     return unbuilt
 
 
-def _main_model_config(config: ModelConfig) -> ModelConfig:
-    """The config of the main model's parameters: without the MTP modules (counted apart,
-    DeepSeek-V3 §2.2), and without YaRN and the RoPE layout, which hold no parameters."""
-    return config.replace(rope_scaling=None, num_nextn_predict_layers=0, rope_interleave=True)
+def _countable_config(config: ModelConfig) -> ModelConfig:
+    """``config`` without YaRN and the RoPE layout, which hold no parameters and which this model
+    does not build yet: what ``count_parameters`` builds on the meta device."""
+    return config.replace(rope_scaling=None, rope_interleave=True)
 
 
 def _rope_dim(config: ModelConfig) -> int:
@@ -124,6 +124,10 @@ class Transformer(FP32Buffers):
     ``embed``, ``norm`` and ``head`` may be None: without ``embed`` it takes hidden states, without
     ``head`` it returns them. RoPE tables are shared by every layer and kept by every stage; caches
     are keyed by layer id, so a stage holding layers 30-45 runs as it is.
+
+    ``mtp`` holds the Multi-Token Prediction modules (``num_nextn_predict_layers`` of them, else
+    None; state-dict keys ``mtp.0.eh_proj.weight`` ...). They belong with the head: a stage
+    without the head has none.
     """
 
     fp32_buffers = ("rope_cos", "rope_sin")     # angles up to 163,840 positions need FP32 (chapter 07)
@@ -141,6 +145,10 @@ class Transformer(FP32Buffers):
         self.head: nn.Linear | None = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
+        n = config.num_hidden_layers                     # MTP module k's block is the layer at index n + k
+        self.mtp: nn.ModuleList | None = nn.ModuleList(
+            MTPModule(_make_block(config, n + k), d, config.rms_norm_eps)
+            for k in range(config.num_nextn_predict_layers)) if config.num_nextn_predict_layers else None
         cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -166,6 +174,8 @@ class Transformer(FP32Buffers):
             if self.config.tie_word_embeddings and self.embed is not None:
                 self.head.weight = self.embed.weight     # moving off the meta device replaced the parameters
             init_linear(self.head, std, generator)
+        for module in self.mtp or []:                    # last: the main model draws what it drew without MTP
+            module.init_weights(std, generator)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -266,11 +276,13 @@ class Transformer(FP32Buffers):
         ``Routing`` of this pass (affinities, chosen experts, token mask), what the balance losses
         need. Returned, not kept on the layers, so every micro-batch has its own and
         ``torch.compile`` traces it; training hooks receive it (``MoEBalancing``).
+        ``aux["hidden"]`` is the final hidden state (B, T, d) the head read, where the MTP chain
+        starts (``deepseek_mini.mtp.mtp_logits``, the ``MultiTokenPrediction`` hook).
         """
         routing: list[Routing] | None = [] if return_aux else None
         h = self.hidden_states(x, start_pos, cache, positions=positions, padding_mask=padding_mask, routing=routing)
         out = h if self.head is None else self.head(h)
-        return (out, {"routing": routing}) if return_aux else out
+        return (out, {"routing": routing, "hidden": h}) if return_aux else out
 
 
 def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
@@ -309,7 +321,7 @@ def cut(model: Transformer, layer_ids: Iterable[int | str], *, embed: bool = Fal
         raise ValueError(f"layer {unknown[0]} is not in the model, which holds layers {list(model.layers)}")
     removed = [layer for layer_id, layer in model.layers.items() if layer_id not in keep]
     removed += [] if embed else [model.embed]
-    removed += [] if head else [model.norm, model.head]
+    removed += [] if head else [model.norm, model.head, model.mtp]     # MTP sits with the head (§3.2.1)
     # deepcopy with the removed modules memoised as None copies only what the stage keeps.
     try:
         stage = copy.deepcopy(model, memo={id(module): None for module in removed if module is not None})
@@ -352,10 +364,12 @@ class ParameterCount:
     activated: int
     embedding: int
     head: int
+    mtp: int = 0        # the MTP modules (§2.2), not in total: their embedding and head are the main model's
 
     def __str__(self) -> str:
+        mtp = f" | MTP {_human(self.mtp)}" if self.mtp else ""
         return (f"total {_human(self.total)} | activated per token {_human(self.activated)} "
-                f"| embedding {_human(self.embedding)} | head {_human(self.head)}")
+                f"| embedding {_human(self.embedding)} | head {_human(self.head)}{mtp}")
 
 
 def _human(n: int) -> str:
@@ -366,21 +380,27 @@ def _human(n: int) -> str:
 
 
 def count_parameters(model_or_config: nn.Module | ModelConfig | str) -> ParameterCount:
-    """Total and activated-per-token parameter counts (main model; the MTP module excluded).
+    """Total and activated-per-token parameter counts of the main model, and the MTP modules' apart.
 
-    A config or preset name is built on the meta device first, so this works for 671B; its
-    main model is counted, so YaRN and MTP, which later chapters build and which add no
-    parameter to it, do not stop ``count_parameters("deepseek-v3")``.
-    Activated = total minus the routed experts a token does not use (chapter 03); for a
-    dense model the two are equal.
+    A config or preset name is built on the meta device first, so this works for 671B (YaRN,
+    which adds no parameter, is left out of that build). Activated = total minus the routed
+    experts a token does not use (chapter 03); for a dense model the two are equal. The MTP
+    modules (chapter 04) are not part of the main model's total, as in the paper's 671B; their
+    own parameters are ``mtp`` (the embedding and head they share are counted once, in the main
+    model).
     """
     if isinstance(model_or_config, (ModelConfig, str)):
         config = load_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
-        model_or_config = build_model(_main_model_config(config), device="meta")
+        model_or_config = build_model(_countable_config(config), device="meta")
     model = model_or_config
-    unique = {id(p): p for p in model.parameters()}
+    mtp = getattr(model, "mtp", None) or nn.ModuleList()
+    mtp_ids = {id(p) for p in mtp.parameters()}
+    unique = {id(p): p for p in model.parameters() if id(p) not in mtp_ids}
     total = sum(p.numel() for p in unique.values())
-    inactive = sum(m.inactive_parameters() for m in model.modules() if hasattr(m, "inactive_parameters"))
+    in_mtp = {id(m) for m in mtp.modules()}
+    inactive = sum(m.inactive_parameters() for m in model.modules()
+                   if hasattr(m, "inactive_parameters") and id(m) not in in_mtp)
     embedding = model.embed.weight.numel() if getattr(model, "embed", None) is not None else 0
     head = model.head.weight.numel() if getattr(model, "head", None) is not None else 0
-    return ParameterCount(total=total, activated=total - inactive, embedding=embedding, head=head)
+    return ParameterCount(total=total, activated=total - inactive, embedding=embedding, head=head,
+                          mtp=sum(p.numel() for p in mtp.parameters()))

@@ -238,7 +238,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> 
     if grouped_mm_supported(x, weight):
         offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)   # where each expert's rows end
         return F.grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)
-    return torch.cat([rows @ weight[e].T for e, rows in enumerate(x.split(counts))])
+    # unbind, not weight[e]: each slice's backward would fill a whole (E, out, in) gradient
+    return torch.cat([rows @ w.T for w, rows in zip(weight.unbind(0), x.split(counts))])
 
 
 class GroupedExperts(nn.Module):

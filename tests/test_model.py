@@ -280,7 +280,7 @@ CONSUMED = {
     "num_attention_heads": ("dense", 8), "num_key_value_heads": ("dense", 2), "attention_bias": ("dense", True),
     "rope_theta": ("dense", 500.0),
     "q_lora_rank": ("toy", 16), "kv_lora_rank": ("toy", 8), "qk_nope_head_dim": ("toy", 16),
-    "qk_rope_head_dim": ("toy", 8), "v_head_dim": ("toy", 16), "attn_impl": ("toy", "naive"),
+    "qk_rope_head_dim": ("toy", 8), "v_head_dim": ("toy", 16), "attn_impl": ("toy", "naive"), "num_nextn_predict_layers": ("toy", 1),
     "n_routed_experts": ("toy", 16), "n_shared_experts": ("toy", 2), "num_experts_per_tok": ("toy", 3),
     "n_group": ("toy", 2), "topk_group": ("toy", 1), "routed_scaling_factor": ("toy", 1.0),
     "moe_intermediate_size": ("toy", 32), "first_k_dense_replace": ("toy", 0), "norm_topk_prob": ("toy", False),
@@ -289,8 +289,6 @@ CONSUMED = {
 # Field -> (value a later chapter builds, what the error names): build_model refuses the value.
 REFUSED = {
     "rope_scaling": (YARN, r"rope_scaling \(YaRN\) is built in chapter 07: set rope_scaling to None"),
-    "num_nextn_predict_layers": (1, r"num_nextn_predict_layers = 1 > 0 \(Multi-Token Prediction\) is built "
-                                    r"in chapter 04: set num_nextn_predict_layers to 0"),
     "rope_interleave": (False, r"rope_interleave=False .* set rope_interleave to true"),
 }
 
@@ -373,14 +371,16 @@ def test_attention_bias_with_mla_is_refused_not_ignored():
         build_model(BASES["toy"].replace(attention_bias=True), device="meta")
 
 
-def test_deepseek_v3_preset_keeps_official_values_and_build_model_names_both_chapters():
+def test_deepseek_v3_preset_keeps_official_values_and_build_model_names_the_yarn_chapter():
     v3 = load_config("deepseek-v3")
     assert v3.rope_scaling["factor"] == 40 and v3.num_nextn_predict_layers == 1
-    with pytest.raises(NotImplementedError, match=r"chapter 07.*; num_nextn_predict_layers = 1 .*chapter 04"):
+    with pytest.raises(NotImplementedError, match=r"rope_scaling \(YaRN\) is built in chapter 07"):
         build_model("deepseek-v3", device="meta")
-    # What the error says to change is enough to build (checked on a 4-layer V3, one MoE layer, for speed).
-    small = v3.replace(num_hidden_layers=4, rope_scaling=None, num_nextn_predict_layers=0)
-    assert build_model(small, device="meta").config == small
+    # What the error says to change is enough to build (checked on a 4-layer V3, one MoE layer, for speed);
+    # the MTP module (chapter 04) builds: layer index 4, an MoE layer like the main model's from index 3.
+    small = v3.replace(num_hidden_layers=4, rope_scaling=None)
+    model = build_model(small, device="meta")
+    assert model.config == small and len(model.mtp) == 1 and type(model.mtp[0].block.ffn).__name__ == "MoE"
 
 
 # ------------------------------------------------------------------ per-module init, dtype policy

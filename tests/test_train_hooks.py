@@ -172,7 +172,8 @@ class Recorder(TrainHook):
         x, y = batch
         logits, aux = output
         assert logits.shape == (*x.shape, model.config.vocab_size) and y.shape == x.shape
-        assert aux == {"routing": []}                                 # a dense model: no MoE routing
+        assert aux["routing"] == []                                   # a dense model: no MoE routing
+        assert aux["hidden"].shape == (*x.shape, model.config.hidden_size)   # where an MTP chain starts
         self.before = model.head.weight.detach().clone()
         return {"l2": 1e-3 * sum(p.pow(2).sum() for p in model.parameters())}
 
