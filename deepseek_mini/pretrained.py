@@ -22,6 +22,12 @@ Hugging Face (``model.layers.{i}.`` prefix inside a layer)     deepseek_mini (``
                                                               ``w2[e]``: stacked (E, out, in)
 ``mlp.experts.gate_up_proj`` (E, 2I, d), ``down_proj``        the same, fused in transformers 5.x:
 (E, d, I)                                                     rows [0, I) of expert e are w1
+**MTP module k** = layer ``n + k`` (n = num_hidden_layers):    ``mtp.{k}.`` prefix:
+``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``       ``enorm``, ``hnorm``, ``eh_proj``,
+                                                              ``shared_head.norm`` (same names)
+its decoder-layer tensors (``self_attn.*``, ``mlp.*`` ...)    ``block.`` + the names above
+``embed_tokens``, ``shared_head.head``: copies of             none: shared by reference; checked
+``model.embed_tokens`` and ``lm_head``                        equal on load, written on save
 ============================================================  =====================================
 
 The router bias ``e_score_correction_bias`` is b_i of DeepSeek-V3 §2.1.2 (eq. 16), kept in FP32.
@@ -31,8 +37,14 @@ Three details of the released checkpoint (arXiv 2412.19437; ``book/facts.md``):
 * **FP8 weights.** The linear weights are stored in E4M3 with one FP32 ``weight_scale_inv`` per
   128 x 128 block (§3.3.2); the value is the block times its scale.
   :func:`dequantize_fp8_blockwise` restores it while loading, one tensor at a time.
-* **The MTP module** (§2.2) is stored as one more layer, ``model.layers.61``; Multi-Token
-  Prediction is chapter 04, so the loader skips it, says so, and builds the main model.
+* **The MTP module** (§2.2) is stored as one more layer, ``model.layers.61`` (module k of D at
+  ``num_hidden_layers + k``). Its ``eh_proj`` (d, 2d) multiplies [enorm(embedding); hnorm(h)],
+  embedding first (columns ``[:, :d]``), which is what ``MTPModule`` computes, so it loads as
+  it is; eq. 21 writes the other order. The layer also stores its own copies of the embedding
+  and the output head (``embed_tokens``, ``shared_head.head``), equal to the main model's: our
+  MTP modules use the main model's by reference, so the loader checks the copies and drops
+  them, and the saver writes them back as the released files do. ``from_pretrained(dir,
+  num_nextn_predict_layers=0)`` loads the main model alone.
 * **RoPE layout.** Our RoPE rotates interleaved pairs (x0, x1), (x2, x3) ..., like the
   official code and transformers' ``rope_interleave=True``. A score q . k is unchanged when the
   same permutation reorders the rope channels of both q and k, so such checkpoints load as
@@ -50,7 +62,6 @@ import math
 import os
 import re
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -104,11 +115,18 @@ _EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # SwiGL
 _OUR_LAYER_NAMES = {ours: hf for hf, ours in _LAYER_NAMES.items()}
 _OUR_TOP_NAMES = {ours: hf for hf, ours in _TOP_NAMES.items()}
 
+# MTP module k is the checkpoint's layer num_hidden_layers + k (§2.2). Its own tensors keep their
+# names under "mtp.{k}."; its decoder layer's take _LAYER_NAMES under "mtp.{k}.block.".
+_MTP_NAMES = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
+# The MTP layer's stored copies of the shared embedding and head -> the main tensor each must equal.
+_MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_RE = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-_OUR_EXPERT_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
-_STACKED_RE = re.compile(r"(layers\.\d+\.ffn\.experts)\.(w[123])")     # GroupedExperts: (E, out, in)
+_OUR_KEY_RE = re.compile(r"(?:layers\.(\d+)|mtp\.(\d+))\.(.+)")    # a decoder layer's or an MTP module's
+_OUR_EXPERT_RE = re.compile(r"ffn\.experts\.(\d+)\.(w[123])\.weight")
+_STACKED_RE = re.compile(r"((?:layers\.\d+|mtp\.\d+\.block)\.ffn\.experts)\.(w[123])")   # (E, out, in)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 
@@ -136,7 +154,8 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
 def _per_expert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with each stacked expert weight (E, out, in) split into E views, one per expert.
 
-    Our MoE layers stack their routed experts (``GroupedExperts``: ``layers.{i}.ffn.experts.w1``);
+    Our MoE layers stack their routed experts (``GroupedExperts``: ``layers.{i}.ffn.experts.w1``,
+    ``mtp.{k}.block.ffn.experts.w1`` in an MTP module);
     the released checkpoint names every expert. Under the per-expert names
     ``layers.{i}.ffn.experts.{e}.w1.weight`` (expert by expert, as N_r separate modules list them)
     each checkpoint tensor has one target, and copying into a view fills the stacked weight.
@@ -159,7 +178,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
 
     Our ``greedy`` router is written as ``noaux_tc`` with one group (plain top-k of s_i + b_i),
     which is what it computes; a model without MoE layers gets ``first_k_dense_replace =
-    num_hidden_layers`` and placeholder expert counts that build nothing.
+    num_hidden_layers`` and placeholder expert counts that build nothing (``from_pretrained``
+    reads that as no MoE layer at all, the MTP layers included).
     """
     _check_exportable(config)
     rope = {"rope_type": "default"} if config.rope_scaling is None else {
@@ -190,7 +210,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
         "hidden_act": config.hidden_act, "rms_norm_eps": config.rms_norm_eps,
         "initializer_range": config.initializer_range, "max_position_embeddings": config.max_position_embeddings,
         "rope_parameters": {**rope, "rope_theta": config.rope_theta}, "rope_interleave": True,
-        "tie_word_embeddings": config.tie_word_embeddings, "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "num_nextn_predict_layers": config.num_nextn_predict_layers,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id, "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
@@ -208,7 +229,7 @@ def _check_exportable(config: ModelConfig) -> None:
 
 
 def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, int, bool]:
-    """The config to build, the checkpoint's MTP depth, and whether rope rows need interleaving."""
+    """The config (with ``overrides``), the checkpoint's MTP depth, and whether rope rows need interleaving."""
     config = ModelConfig.from_dict(raw, source=source)
     mtp_depth, interleaved = config.num_nextn_predict_layers, config.rope_interleave
     if not config.uses_mla:
@@ -219,10 +240,7 @@ def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, An
     if config.uses_moe and (config.scoring_func, config.topk_method) != ("sigmoid", "noaux_tc"):
         raise ValueError(f"{source}: scoring_func {config.scoring_func!r} with topk_method {config.topk_method!r}; "
                          "the DeepseekV3 layout means sigmoid affinities with group-limited top-k ('noaux_tc')")
-    changes: dict[str, Any] = {"num_nextn_predict_layers": 0, "rope_interleave": True}
-    if config.uses_moe and config.first_k_dense_replace >= config.num_hidden_layers:
-        changes["n_routed_experts"] = None   # no layer is MoE: the expert fields describe nothing
-    config = config.replace(**{**changes, **overrides})
+    config = config.replace(**{"rope_interleave": True, **overrides})
     if config.rope_scaling is not None:
         kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
         raise NotImplementedError(
@@ -230,6 +248,23 @@ def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, An
             "To load the weights with plain RoPE anyway, pass rope_scaling=None to from_pretrained "
             "(outputs then differ from the reference: YaRN's frequencies and softmax scale are not applied)")
     return config, mtp_depth, not interleaved
+
+
+def _config_to_build(config: ModelConfig, mtp_depth: int, layers: set[int], overrides: dict[str, Any]) -> ModelConfig:
+    """``config`` with the MTP depth to build, given the decoder layers the checkpoint holds tensors of.
+
+    The checkpoint's depth D when any MTP layer (``num_hidden_layers`` ..) is stored, none when
+    none is: transformers writes ``num_nextn_predict_layers: 1`` into every DeepseekV3 config it
+    saves and never saves an MTP layer. A ``num_nextn_predict_layers`` override decides instead.
+    """
+    n = config.num_hidden_layers
+    if "num_nextn_predict_layers" not in overrides and not any(n <= layer < n + mtp_depth for layer in layers):
+        config = config.replace(num_nextn_predict_layers=0)
+    if config.uses_moe and "n_routed_experts" not in overrides and config.first_k_dense_replace >= n:
+        # no main layer is MoE: the expert fields describe nothing (save_pretrained's placeholders),
+        # and the MTP layers are dense too, though a reader going by layer index would make them MoE
+        config = config.replace(n_routed_experts=None)
+    return config
 
 
 def _read_json(path: Path) -> Any:
@@ -268,14 +303,20 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
 
     Reads ``config.json`` (transformers 5.x or the older layout) and ``model.safetensors``
     or the shards of ``model.safetensors.index.json``, tensor by tensor. Both expert layouts
-    load (fused 3-D or per expert), FP8 weights are dequantised, the MTP layer is skipped with
-    a warning (chapter 04) and the model is built with ``num_nextn_predict_layers = 0``.
+    load (fused 3-D or per expert) and FP8 weights are dequantised, in the MTP layers too.
+
+    The MTP modules (§2.2; layers ``num_hidden_layers`` .. of the checkpoint) are built and loaded
+    when the checkpoint stores them, with its depth D; their copies of the embedding and the head
+    are checked equal to the main model's and dropped (the modules share those by reference).
+    None are built when no MTP tensor is stored (transformers' own saves claim D = 1 without
+    one). ``num_nextn_predict_layers=0`` (or any depth below D) drops the modules beyond it,
+    silently: their tensors are not read.
 
     ``dtype`` defaults to the one config.json records (bfloat16 for DeepSeek-V3; float32 when
     absent). ``overrides`` replace config fields before building, e.g. ``attn_impl="naive"``, or
     ``rope_scaling=None`` to load a YaRN checkpoint before chapter 07 (with plain RoPE).
     Raises ``ValueError`` naming the tensor and the file for a missing, unexpected or
-    mis-shaped weight.
+    mis-shaped weight, and for an MTP copy of the embedding or head that differs from it.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -291,6 +332,8 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
     dtype = _checkpoint_dtype(raw) if dtype is None else dtype
     config, mtp_depth, permute_rope = _checkpoint_config(raw, f"config file {str(config_path)!r}", overrides)
     locations, where = _tensor_locations(directory)
+    layers = {layer for name in locations if (layer := _layer_of(name)) is not None}
+    config = _config_to_build(config, mtp_depth, layers, overrides)
     block = _fp8_block(raw, config_path)
 
     model = build_model(config, device="meta", dtype=dtype).to_empty(device=device)
@@ -338,18 +381,16 @@ class _Loader:
         with torch.no_grad():                      # views of the stacked experts, filled in place
             self.targets = _per_expert_state(model.state_dict(keep_vars=True))
         self.pending = set(self.targets) - ({"head.weight"} if config.tie_word_embeddings else set())
-        n = config.num_hidden_layers
-        self.mtp_layers = sorted({layer for name in locations if (layer := _layer_of(name)) is not None
-                                  and n <= layer < n + mtp_depth})
+        n, depth = config.num_hidden_layers, config.num_nextn_predict_layers
+        self.dropped = set(range(n + depth, n + mtp_depth))     # MTP layers beyond the depth built: not read
         self.used_scales: set[str] = set()
 
     def load(self, directory: Path) -> None:
-        for layer in self.mtp_layers:
-            warnings.warn(f"skipping the MTP layer model.layers.{layer} (Multi-Token Prediction is chapter 04); "
-                          "the model is built with num_nextn_predict_layers=0", stacklevel=3)
         by_file: dict[str, list[str]] = {}
         for name, file in self.locations.items():
-            by_file.setdefault(file, []).append(name)
+            if _layer_of(name) not in self.dropped:
+                by_file.setdefault(file, []).append(name)
+        copies: list[tuple[str, str, str]] = []
         with ExitStack() as stack, torch.no_grad():
             handles: dict[str, Any] = {}
 
@@ -360,17 +401,71 @@ class _Loader:
 
             for file, names in by_file.items():
                 for name in sorted(names):
-                    if not name.endswith(SCALE_SUFFIX) and _layer_of(name) not in self.mtp_layers:
+                    if name.endswith(SCALE_SUFFIX):
+                        continue
+                    if (shared := self._shared_copy(name)) is not None:
+                        copies.append((name, file, shared))      # checked once the main tensor is in
+                    else:
                         self._load_tensor(name, file, open_file)
+            if self.pending:
+                missing = [_hf_name(key, self.config) for key in self.targets if key in self.pending]
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise ValueError(f"missing tensor {missing[0]}{more} in {self.where}")
+            for name, file, shared in copies:
+                self._check_copy(name, file, shared, open_file)
         unused = sorted(s for s in self.locations if s.endswith(SCALE_SUFFIX) and s not in self.used_scales
-                        and _layer_of(s) not in self.mtp_layers)
+                        and _layer_of(s) not in self.dropped)
         if unused:
             raise ValueError(f"unexpected tensor {unused[0]} in {self.where}: a scale without an FP8 weight "
                              f"{unused[0].removesuffix(SCALE_SUFFIX)}")
-        if self.pending:
-            missing = [_hf_name(key) for key in self.targets if key in self.pending]
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"missing tensor {missing[0]}{more} in {self.where}")
+
+    def _shared_copy(self, name: str) -> str | None:
+        """The main tensor (our key) that MTP tensor ``name`` is a stored copy of, if it is one."""
+        match = _LAYER_RE.fullmatch(name)
+        if match is None or match[2] not in _MTP_COPIES:
+            return None
+        n = self.config.num_hidden_layers
+        return _MTP_COPIES[match[2]] if n <= int(match[1]) < n + self.config.num_nextn_predict_layers else None
+
+    def _check_copy(self, name: str, file: str, shared: str, open_file: Callable[[str], Any]) -> None:
+        """An MTP layer's copy of the embedding or head must equal the main model's: we keep one, shared."""
+        handle = open_file(file)
+        view, target = handle.get_slice(name), self.targets[shared]
+        shape = tuple(view.get_shape())
+        if shape != tuple(target.shape):
+            raise ValueError(f"tensor {name} in {file} has shape {shape}, expected {tuple(target.shape)} "
+                             f"(a copy of {_hf_name(shared, self.config)})")
+        scales = self._scales(name, file, view.get_dtype(), open_file)
+        value = self._dequantised(handle.get_tensor(name), scales, None, name, file)
+        if not torch.equal(value.to(device=target.device, dtype=target.dtype), target):
+            raise ValueError(f"tensor {name} in {file} differs from {_hf_name(shared, self.config)}: deepseek_mini's "
+                             "MTP modules share the main model's embedding and head (DeepSeek-V3 §2.2), so a "
+                             "stored copy must equal it; pass num_nextn_predict_layers=0 to load the main model only")
+
+    def _scales(self, name: str, file: str, dtype: str, open_file: Callable[[str], Any]) -> Any:
+        """The ``weight_scale_inv`` slice of an FP8 tensor ``name`` (None if not FP8), with the checks."""
+        scale_name = name + SCALE_SUFFIX
+        fp8 = dtype.startswith("F8")
+        if fp8 and scale_name not in self.locations:
+            raise ValueError(f"FP8 tensor {name} in {file} has no {scale_name} to dequantise it with")
+        if not fp8 and scale_name in self.locations:
+            raise ValueError(f"unexpected tensor {scale_name} in {self.where}: {name} is not FP8 "
+                             f"(dtype {dtype})")
+        if not fp8:
+            return None
+        self.used_scales.add(scale_name)
+        return open_file(self.locations[scale_name]).get_slice(scale_name)
+
+    def _dequantised(self, value: torch.Tensor, scales: Any, expert: int | None, name: str,
+                     file: str) -> torch.Tensor:
+        """``value`` times its FP8 block scales (those of ``expert`` in a fused tensor); as is if not FP8."""
+        if scales is None:
+            return value
+        scale = scales[expert] if expert is not None else scales[:]
+        try:
+            return dequantize_fp8_blockwise(value, scale, self.block)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name} in {file}: {exc}") from None
 
     def _load_tensor(self, name: str, file: str, open_file: Callable[[str], Any]) -> None:
         handle = open_file(file)
@@ -382,27 +477,12 @@ class _Loader:
         if shape != expected:
             raise ValueError(f"tensor {name} in {file} has shape {shape}, expected {expected} "
                              f"(for {pieces[0].key}{' ...' if len(pieces) > 1 else ''})")
-        scale_name = name + SCALE_SUFFIX
-        fp8 = view.get_dtype().startswith("F8")
-        if fp8 and scale_name not in self.locations:
-            raise ValueError(f"FP8 tensor {name} in {file} has no {scale_name} to dequantise it with")
-        if not fp8 and scale_name in self.locations:
-            raise ValueError(f"unexpected tensor {scale_name} in {self.where}: {name} is not FP8 "
-                             f"(dtype {view.get_dtype()})")
-        scales = None
-        if fp8:
-            scales = open_file(self.locations[scale_name]).get_slice(scale_name)
-            self.used_scales.add(scale_name)
+        scales = self._scales(name, file, view.get_dtype(), open_file)
         fused = pieces[0].expert is not None
         for expert in range(self.config.n_routed_experts) if fused else [None]:
             # fused layout: read one expert at a time, never the whole (E, 2I, d) tensor
             value = view[expert] if expert is not None else handle.get_tensor(name)
-            if fp8:
-                scale = scales[expert] if expert is not None else scales[:]
-                try:
-                    value = dequantize_fp8_blockwise(value, scale, self.block)
-                except ValueError as exc:
-                    raise ValueError(f"tensor {name} in {file}: {exc}") from None
+            value = self._dequantised(value, scales, expert, name, file)
             for piece in pieces:
                 if piece.expert == expert:
                     self._copy(piece.key, value if piece.rows is None else value[piece.rows], name)
@@ -418,7 +498,14 @@ class _Loader:
         if match is None:
             raise ValueError(f"unexpected tensor {name} in {file}: no deepseek_mini parameter corresponds to it")
         layer, suffix = int(match[1]), match[2]
-        prefix = f"layers.{layer}."
+        n, depth = config.num_hidden_layers, config.num_nextn_predict_layers
+        if layer >= n + depth:
+            raise ValueError(f"unexpected tensor {name} in {file}: the model that config.json describes has "
+                             f"{n} layers and {depth} MTP layers (num_nextn_predict_layers), so no layer {layer}")
+        mtp = layer >= n                          # MTP module layer - n (§2.2): its own tensors, then a block
+        if mtp and suffix in _MTP_NAMES:
+            return [_Piece(f"mtp.{layer - n}.{suffix}")]
+        prefix = f"mtp.{layer - n}.block." if mtp else f"layers.{layer}."
         if suffix in _FUSED and config.is_moe_layer(layer):
             inter = config.moe_intermediate_size
             if suffix == "mlp.experts.down_proj":
@@ -477,40 +564,64 @@ def _interleave_rope_rows(weight: torch.Tensor, key: str, config: ModelConfig) -
 
 
 # ------------------------------------------------------------------------ saving
-def _hf_name(key: str) -> str:
-    """Our state key -> its Hugging Face name in the released (per-expert) layout."""
+def _hf_name(key: str, config: ModelConfig) -> str:
+    """Our state key -> its Hugging Face name in the released (per-expert) layout.
+
+    MTP module k (``mtp.{k}.``) is the checkpoint's layer ``num_hidden_layers + k`` (§2.2).
+    """
     if key in _OUR_TOP_NAMES:
         return _OUR_TOP_NAMES[key]
-    if (expert := _OUR_EXPERT_RE.fullmatch(key)) is not None:
-        hf = {ours: hf for hf, ours in _EXPERT_NAMES.items()}[expert[3]]
-        return f"model.layers.{expert[1]}.mlp.experts.{expert[2]}.{hf}.weight"
-    layer, _, suffix = key.removeprefix("layers.").partition(".")
-    if suffix not in _OUR_LAYER_NAMES:
-        raise ValueError(f"{key} has no name in the DeepSeek-V3 checkpoint layout")
-    return f"model.layers.{layer}.{_OUR_LAYER_NAMES[suffix]}"
+    match = _OUR_KEY_RE.fullmatch(key)
+    if match is not None:
+        layer_id, module, suffix = match.groups()
+        if module is not None:
+            prefix = f"model.layers.{config.num_hidden_layers + int(module)}."
+            if suffix in _MTP_NAMES:
+                return prefix + suffix
+            suffix = suffix.removeprefix("block.") if suffix.startswith("block.") else ""
+        else:
+            prefix = f"model.layers.{layer_id}."
+        if (expert := _OUR_EXPERT_RE.fullmatch(suffix)) is not None:
+            hf = {ours: hf for hf, ours in _EXPERT_NAMES.items()}[expert[2]]
+            return f"{prefix}mlp.experts.{expert[1]}.{hf}.weight"
+        if suffix in _OUR_LAYER_NAMES:
+            return prefix + _OUR_LAYER_NAMES[suffix]
+    raise ValueError(f"{key} has no name in the DeepSeek-V3 checkpoint layout")
 
 
 def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str, Callable[[], torch.Tensor], int]]:
-    """(Hugging Face name, a function making the tensor, its size in bytes), in state-dict order."""
+    """(Hugging Face name, a function making the tensor, its size in bytes), in state-dict order.
+
+    Each MTP layer ends with the copies of the embedding and head that the released files store.
+    """
+    config = model.config
     state = _per_expert_state(model.state_dict())
     for key, tensor in state.items():
-        if key == "head.weight" and model.config.tie_word_embeddings:
+        if key == "head.weight" and config.tie_word_embeddings:
             continue
-        expert = _OUR_EXPERT_RE.fullmatch(key)
+        name = _hf_name(key, config)
+        expert = _OUR_EXPERT_RE.search(key)
         if expert is None or layout == "per_expert":
-            yield _hf_name(key), (lambda t=tensor: t), tensor.numel() * tensor.element_size()
-        elif expert[2] == "0" and expert[3] == "w1":       # the layer's first expert: write the fused pair
-            moe, prefix = model.layers[expert[1]].ffn, f"model.layers.{expert[1]}.mlp.experts."
+            yield name, (lambda t=tensor: t), tensor.numel() * tensor.element_size()
+        elif expert[1] == "0" and expert[2] == "w1":       # the layer's first expert: write the fused pair
+            moe = model.get_submodule(key[:expert.start()] + "ffn")
+            prefix = name[:name.index("mlp.experts.")] + "mlp.experts."
             size = sum(p.numel() * p.element_size() for p in moe.experts.parameters())
             gate_up = lambda m=moe: torch.cat([m.experts.w1, m.experts.w3], dim=1)   # noqa: E731  (E, 2I, d)
             yield prefix + "gate_up_proj", gate_up, size * 2 // 3
             yield prefix + "down_proj", lambda m=moe: m.experts.w2, size // 3
-        if key.endswith("ffn.gate.bias") and model.config.n_shared_experts == 0:
+        if key.endswith("ffn.gate.bias") and config.n_shared_experts == 0:
             # transformers builds a zero-width shared expert for N_s = 0: give it its empty tensors
-            d, dtype = model.config.hidden_size, model.embed.weight.dtype
-            prefix = "model." + key.removesuffix("ffn.gate.bias") + "mlp.shared_experts."
+            d, dtype = config.hidden_size, model.embed.weight.dtype
+            prefix = name.removesuffix("gate.e_score_correction_bias") + "shared_experts."
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 yield f"{prefix}{proj}.weight", (lambda s=shape: torch.empty(s, dtype=dtype)), 0
+        if key.startswith("mtp.") and key.endswith(".shared_head.norm.weight"):   # the module's last tensor
+            layer_prefix = name.removesuffix("shared_head.norm.weight")
+            for stored, shared in _MTP_COPIES.items():     # real copies: safetensors refuses shared memory
+                weight = model.get_parameter(shared)
+                yield (layer_prefix + stored, lambda w=weight: w.detach().to("cpu", copy=True),
+                       weight.numel() * weight.element_size())
 
 
 def save_pretrained(model: Transformer, directory: str | Path, expert_layout: ExpertLayout = "per_expert",

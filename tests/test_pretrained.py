@@ -4,7 +4,8 @@ The parity tests build a tiny random transformers ``DeepseekV3ForCausalLM`` (MLA
 compressed query, MoE with group-limited routing and a non-zero router bias, 3 layers, the
 first dense) and hold our logits equal to its logits on both attention paths; they skip when
 transformers (a test-only dependency) is missing. The rest writes checkpoints by hand with
-safetensors: both expert layouts, shards, FP8 blocks, the MTP layer and every error.
+safetensors: both expert layouts, shards, FP8 blocks, the MTP layers (DeepSeek-V3 §2.2: a
+hand-written layer, round trips, the stored copies of embedding and head) and every error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import deepseek_mini.pretrained as pretrained
 from deepseek_mini import build_model, from_pretrained, load_config, save_pretrained
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import cut
+from deepseek_mini.mtp import mtp_logits
 from deepseek_mini.pretrained import (
     INDEX_FILE, WEIGHTS_FILE, dequantize_fp8_blockwise, hf_config_dict,
 )
@@ -201,12 +203,16 @@ def test_round_trip_gives_identical_tensors(tmp_path, layout, dtype):
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-    model = _our_model()
+    model = _our_model(num_nextn_predict_layers=1)
     save_pretrained(model, tmp_path, max_shard_size=200_000)
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and not (tmp_path / WEIGHTS_FILE).exists()
     assert shards == sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    _same_state(model, from_pretrained(tmp_path))
+    # Shards read last layer first: the MTP layer's copies of embedding and head come before them.
+    index["weight_map"] = dict(reversed(index["weight_map"].items()))
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
     _same_state(model, from_pretrained(tmp_path))
 
 
@@ -385,11 +391,12 @@ def _fp8_copy(src, dst, block: int, exact: bool) -> None:
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_fp8_checkpoint_is_dequantised_on_load(tmp_path, layout):
-    model = _our_model()
+    model = _our_model(num_nextn_predict_layers=1)      # the MTP layer (3) is quantised like any other
     save_pretrained(model, tmp_path / "ref", expert_layout=layout)
     _fp8_copy(tmp_path / "ref", tmp_path / "fp8", block=16, exact=False)
     with safe_open(str(tmp_path / "fp8" / WEIGHTS_FILE), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.kv_b_proj.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.layers.3.eh_proj.weight").get_dtype() == "F8_E4M3"
     loaded = from_pretrained(tmp_path / "fp8")
     for (key, got), want in zip(loaded.state_dict().items(), model.state_dict().values()):
         assert got.dtype == torch.float32, key
@@ -417,20 +424,220 @@ def test_fp8_errors_name_the_tensor(tmp_path):
 
 
 # ------------------------------------------------------------- MTP and YaRN
-def test_mtp_layer_is_skipped_with_a_message(hf_model, hf_dir, tmp_path):
-    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
-    mtp = {"model.layers.3.eh_proj.weight": torch.randn(32, 64), "model.layers.3.enorm.weight": torch.ones(32),
-           "model.layers.3.self_attn.q_a_proj.weight": torch.randn(24, 32)}
-    _rewrite(tmp_path, lambda t: t.update(mtp))
-    _edit_config(tmp_path, num_nextn_predict_layers=1)
-    with pytest.warns(UserWarning, match=r"skipping the MTP layer model\.layers\.3 \(Multi-Token Prediction "
-                                         r"is chapter 04\).*num_nextn_predict_layers=0"):
-        model = from_pretrained(tmp_path)
-    assert model.config.num_nextn_predict_layers == 0
-    torch.testing.assert_close(_logits(model), _hf_logits(hf_model), rtol=0, atol=1e-4)
-    _edit_config(tmp_path, num_nextn_predict_layers=0)            # a layer 3 nobody announced
-    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.3\.eh_proj\.weight"):
+# MTP module 0 of HF_TINY (3 layers: the checkpoint's layer 3), written by hand: HF suffix -> our key
+# under mtp.0. (the experts are listed per expert below). Independent of pretrained.py's own tables.
+HF_MTP_NAMES = {
+    "enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "shared_head.norm.weight",
+    "input_layernorm.weight": "block.attn_norm.weight", "post_attention_layernorm.weight": "block.ffn_norm.weight",
+    "self_attn.q_a_proj.weight": "block.attn.wq_a.weight", "self_attn.q_a_layernorm.weight": "block.attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "block.attn.wq_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "block.attn.wkv_a.weight",
+    "self_attn.kv_a_layernorm.weight": "block.attn.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "block.attn.wkv_b.weight",
+    "self_attn.o_proj.weight": "block.attn.wo.weight", "mlp.gate.weight": "block.ffn.gate.weight",
+    "mlp.gate.e_score_correction_bias": "block.ffn.gate.bias",
+    "mlp.shared_experts.gate_proj.weight": "block.ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.up_proj.weight": "block.ffn.shared_experts.w3.weight",
+    "mlp.shared_experts.down_proj.weight": "block.ffn.shared_experts.w2.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def hf_mtp(hf_dir, tmp_path_factory):
+    """transformers' checkpoint plus a hand-written MTP layer 3: (directory, {HF name: tensor} of the layer).
+
+    eh_proj's halves differ by +10, so a swap cannot go unseen: columns [:, :d] (the released
+    convention) act on the embedding.
+    """
+    directory = tmp_path_factory.mktemp("hf_mtp")
+    shutil.copytree(hf_dir, directory, dirs_exist_ok=True)
+    main = load_file(hf_dir / WEIGHTS_FILE)
+    shapes = build_model(from_pretrained(hf_dir).config.replace(num_nextn_predict_layers=1), device="meta"
+                         ).mtp[0].state_dict()
+    generator = torch.Generator().manual_seed(4)
+    layer = {f"model.layers.3.{hf}": torch.randn(shapes[ours].shape, generator=generator)
+             for hf, ours in HF_MTP_NAMES.items()}
+    d = 32
+    layer["model.layers.3.eh_proj.weight"][:, d:] += 10.0
+    for e in range(8):
+        for hf, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            layer[f"model.layers.3.mlp.experts.{e}.{hf}.weight"] = torch.randn(
+                shapes[f"block.ffn.experts.{ours}"].shape[1:], generator=generator)
+    layer["model.layers.3.embed_tokens.weight"] = main["model.embed_tokens.weight"].clone()   # the released copies
+    layer["model.layers.3.shared_head.head.weight"] = main["lm_head.weight"].clone()
+    save_file({**main, **layer}, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    assert json.loads((directory / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    return directory, layer
+
+
+def _mtp_expected(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our mtp.0 state that the hand-written layer 3 describes."""
+    want = {f"mtp.0.{ours}": layer[f"model.layers.3.{hf}"] for hf, ours in HF_MTP_NAMES.items()}
+    for hf, ours in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        want[f"mtp.0.block.ffn.experts.{ours}"] = torch.stack(
+            [layer[f"model.layers.3.mlp.experts.{e}.{hf}.weight"] for e in range(8)])
+    return want
+
+
+def test_hand_written_mtp_layer_loads_into_the_exact_tensors(hf_model, hf_mtp):
+    directory, layer = hf_mtp
+    model = from_pretrained(directory)
+    assert model.config.num_nextn_predict_layers == 1 and len(model.mtp) == 1
+    state = model.state_dict()
+    want = _mtp_expected(layer)
+    assert {k for k in state if k.startswith("mtp.")} == set(want)
+    for key, tensor in want.items():
+        assert torch.equal(state[key], tensor), key
+    torch.testing.assert_close(_logits(model), _hf_logits(hf_model), rtol=0, atol=1e-4)   # main model intact
+    # Embedding first: with h = 0 (hnorm(0) = 0) the block's input is eh_proj[:, :d] @ enorm(emb).
+    module, d = model.mtp[0], 32
+    emb = torch.randn(2, 5, d)
+    seen = []
+    module.block.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        module(torch.zeros(2, 5, d), emb, (model.rope_cos[:5], model.rope_sin[:5]))
+    eh = layer["model.layers.3.eh_proj.weight"]
+    torch.testing.assert_close(seen[0], module.enorm(emb) @ eh[:, :d].T, rtol=0, atol=1e-5)
+
+
+def test_transformers_checkpoints_claim_one_mtp_layer_without_weights(hf_dir):
+    # transformers writes num_nextn_predict_layers: 1 and no layer 3: the main model loads, no MTP module.
+    assert json.loads((hf_dir / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    model = from_pretrained(hf_dir)
+    assert model.config.num_nextn_predict_layers == 0 and model.mtp is None
+    # Asking for the module anyway: its tensors are missing.
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.3\.enorm\.weight \(and \d+ more\) in "):
+        from_pretrained(hf_dir, num_nextn_predict_layers=1)
+
+
+def test_mtp_copies_of_embedding_and_head_are_checked_and_optional(hf_mtp, tmp_path):
+    directory, layer = hf_mtp
+    shutil.copytree(directory, tmp_path, dirs_exist_ok=True)
+    want = from_pretrained(directory)
+    _rewrite(tmp_path, lambda t: (t.pop("model.layers.3.embed_tokens.weight"),
+                                  t.pop("model.layers.3.shared_head.head.weight")))
+    _same_state(want, from_pretrained(tmp_path))                        # without the copies: the same model
+    for copy, main in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                       ("shared_head.head.weight", "lm_head.weight")):
+        def differ(t, copy=copy, main=main):
+            t[f"model.layers.3.{copy}"] = t[main].clone()
+            t[f"model.layers.3.{copy}"][5, 7] += 1e-3
+        _rewrite(tmp_path, differ)
+        with pytest.raises(ValueError, match=rf"^tensor model\.layers\.3\.{re.escape(copy)} in model\.safetensors "
+                                             rf"differs from {re.escape(main)}: .*num_nextn_predict_layers=0"):
+            from_pretrained(tmp_path)
+        main_only = from_pretrained(tmp_path, num_nextn_predict_layers=0)     # dropped: not even read
+        assert main_only.mtp is None
+        _rewrite(tmp_path, lambda t, copy=copy: t.pop(f"model.layers.3.{copy}"))
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.3.embed_tokens.weight": torch.zeros(64, 16)}))
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight in model\.safetensors has shape \(64, 16\), "
+                                         r"expected \(64, 32\) \(a copy of model\.embed_tokens\.weight\)"):
         from_pretrained(tmp_path)
+
+
+def _mtp_model(depth: int, preset: str = "toy", **changes):
+    """_our_model with ``depth`` MTP modules whose eh_proj halves differ (random norm gains too)."""
+    model = _our_model(preset, num_nextn_predict_layers=depth, **changes)
+    with torch.no_grad():
+        for module in model.mtp:
+            module.eh_proj.weight[:, model.config.hidden_size:] += 1.0
+    return model
+
+
+def _mtp_outputs(model) -> list[torch.Tensor]:
+    with torch.no_grad():
+        _, aux = model(TOKENS, return_aux=True)
+        return mtp_logits(model, aux["hidden"], TOKENS)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_round_trip(tmp_path, depth, layout):
+    model = _mtp_model(depth)
+    save_pretrained(model, tmp_path, expert_layout=layout)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == depth
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
+        names = set(f.keys())
+        last = f"model.layers.{2 + depth}."                 # MTP module k is layer num_hidden_layers + k
+        assert {last + "eh_proj.weight", last + "self_attn.kv_a_proj_with_mqa.weight"} <= names
+        assert (last + "mlp.experts.gate_up_proj" in names) == (layout == "fused")
+        assert (last + "mlp.experts.0.gate_proj.weight" in names) == (layout == "per_expert")
+        assert not any(name.startswith(f"model.layers.{3 + depth}.") for name in names)
+        for k in range(depth):                              # the released copies, equal to the main tensors
+            assert torch.equal(f.get_tensor(f"model.layers.{3 + k}.embed_tokens.weight"), model.embed.weight)
+            assert torch.equal(f.get_tensor(f"model.layers.{3 + k}.shared_head.head.weight"), model.head.weight)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config == model.config and len(loaded.mtp) == depth
+    _same_state(model, loaded)
+    for got, want in zip(_mtp_outputs(loaded), _mtp_outputs(model), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("error")
+def test_num_nextn_predict_layers_override_drops_mtp_modules(tmp_path):
+    model = _mtp_model(2)
+    save_pretrained(model, tmp_path)
+    main_only = from_pretrained(tmp_path, num_nextn_predict_layers=0)      # no warning: asked for
+    assert main_only.mtp is None and main_only.config.num_nextn_predict_layers == 0
+    want = model.state_dict()
+    for key, tensor in main_only.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
+    one = from_pretrained(tmp_path, num_nextn_predict_layers=1)            # the first module only
+    assert len(one.mtp) == 1
+    for key, tensor in one.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
+    # The dropped layer is not read: a broken tensor there does not matter.
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.4.eh_proj.weight": torch.ones(3, 3)}))
+    _same_state(one, from_pretrained(tmp_path, num_nextn_predict_layers=1))
+    with pytest.raises(ValueError, match=r"model\.layers\.4\.eh_proj\.weight in model\.safetensors has shape \(3, 3\)"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_mtp_tensor_is_named(tmp_path):
+    model = _mtp_model(1)
+    for name in ("model.layers.3.eh_proj.weight", "model.layers.3.mlp.experts.5.down_proj.weight",
+                 "model.layers.3.shared_head.norm.weight"):
+        save_pretrained(model, tmp_path, overwrite=True)
+        _rewrite(tmp_path, lambda t, name=name: t.pop(name))
+        with pytest.raises(ValueError, match=rf"^missing tensor {re.escape(name)} in "
+                                             rf"{re.escape(str(tmp_path / WEIGHTS_FILE))}$"):
+            from_pretrained(tmp_path)
+    # A layer past the MTP modules the config announces is refused, as any unknown layer.
+    save_pretrained(model, tmp_path, overwrite=True)
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.4.enorm.weight": torch.ones(64)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.4\.enorm\.weight in model\.safetensors: "
+                                         r".* 3 layers and 1 MTP layers \(num_nextn_predict_layers\), so no layer 4"):
+        from_pretrained(tmp_path)
+
+
+def test_dense_and_tied_models_with_mtp_round_trip(tmp_path):
+    dense = _mtp_model(1, "toy-mla")
+    save_pretrained(dense, tmp_path / "dense")
+    raw = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert raw["first_k_dense_replace"] == 3                 # placeholder experts: no layer is MoE
+    loaded = from_pretrained(tmp_path / "dense")
+    assert not loaded.config.uses_moe and type(loaded.mtp[0].block.ffn) is type(loaded.layers["0"].ffn)
+    _same_state(dense, loaded)
+    tied = _mtp_model(1, tie_word_embeddings=True)
+    save_pretrained(tied, tmp_path / "tied")
+    loaded = from_pretrained(tmp_path / "tied")
+    assert loaded.head.weight is loaded.embed.weight
+    _same_state(tied, loaded)
+
+
+def test_transformers_ignores_our_mtp_layer(tmp_path):
+    """transformers skips the MTP layer only at index 61 (V3's); at a tiny config's index 3 it lists
+    the layer's tensors as unexpected, leaves them out and computes the same main model."""
+    transformers = pytest.importorskip("transformers")
+    model = _mtp_model(1)
+    save_pretrained(model, tmp_path, expert_layout="fused")
+    reloaded, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and info["unexpected_keys"]
+    assert all(key.startswith("model.layers.3.") for key in info["unexpected_keys"])
+    assert len(reloaded.model.layers) == 3
+    torch.testing.assert_close(_hf_logits(reloaded.eval()), _logits(model), rtol=0, atol=1e-4)
 
 
 def test_yarn_checkpoint_raises_until_chapter_07_unless_overridden(tmp_path):
