@@ -17,8 +17,7 @@ Switches:
 * ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
 
 No field is silently ignored: until its chapter lands, ``build_model`` raises
-``NotImplementedError`` for ``rope_scaling``, ``num_nextn_predict_layers > 0`` and
-``rope_interleave=False``; the fields that build nothing are listed, with reasons, in
+``NotImplementedError`` for ``rope_scaling`` and ``rope_interleave=False``; the fields that build nothing are listed, with reasons, in
 ``METADATA_FIELDS``. A config *file* must give every size (``hidden_size`` ...) with the
 right JSON type; a missing one is an error, never the toy's default.
 
