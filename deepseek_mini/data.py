@@ -311,47 +311,63 @@ def train_val_split(docs: Sequence[Document], val_fraction: float = 0.1,
     return train, val
 
 
-def _check_window(stream: TokenStream, batch_size: int, seq_len: int) -> None:
+def _check_window(stream: TokenStream, batch_size: int, seq_len: int, extra_targets: int = 0) -> None:
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("seq_len", seq_len)
-    if seq_len >= len(stream):
-        raise ValueError(f"seq_len ({seq_len}) is too large: the stream has {len(stream)} tokens "
-                         f"and seq_len must be < {len(stream)}")
+    if isinstance(extra_targets, bool) or not isinstance(extra_targets, int) or extra_targets < 0:
+        raise ValueError(f"extra_targets ({extra_targets!r}) must be an integer >= 0")
+    if seq_len + extra_targets >= len(stream):   # a window is seq_len + extra_targets + 1 tokens
+        extra = f" (with extra_targets {extra_targets})" if extra_targets else ""
+        raise ValueError(f"seq_len ({seq_len}) is too large{extra}: the stream has {len(stream)} tokens "
+                         f"and seq_len must be < {len(stream) - extra_targets}")
 
 
-def _windows(stream: TokenStream, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """x, y (targets = x shifted by one) and the domain of each target, from start offsets (B,)."""
-    idx = starts[:, None] + torch.arange(seq_len + 1)  # (B, T+1)
-    window = stream.tokens[idx]                        # (B, T+1)
-    return window[:, :-1], window[:, 1:], stream.domains[idx[:, 1:]]
+def _windows(stream: TokenStream, starts: Tensor, seq_len: int,
+             extra_targets: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, T), y (B, T + D): the targets, x shifted by one and D tokens beyond, and the domain of
+    each target, from start offsets (B,); D = ``extra_targets``."""
+    idx = starts[:, None] + torch.arange(seq_len + extra_targets + 1)  # (B, T+D+1)
+    window = stream.tokens[idx]                                         # (B, T+D+1)
+    return window[:, :seq_len], window[:, 1:], stream.domains[idx[:, 1:]]
 
 
 class Batcher:
     """Random training windows from a TokenStream, with its own torch.Generator so a checkpoint
-    can store and restore its state (exact resume)."""
+    can store and restore its state (exact resume).
 
-    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0) -> None:
-        _check_window(stream, batch_size, seq_len)
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+    ``extra_targets`` = D makes each window T + D + 1 tokens long: the targets y run D tokens
+    past the inputs, so that Multi-Token Prediction (chapter 04, DeepSeek-V3 §2.2) has a
+    target for every position at every depth k = 1..D (depth k at position i predicts
+    t_{i+k+1}). The main model's targets are ``y[:, :T]``. With D = 0 (the default) the
+    windows, and the numbers drawn for them, are what they were before MTP existed.
+    """
+
+    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0,
+                 extra_targets: int = 0) -> None:
+        _check_window(stream, batch_size, seq_len, extra_targets)
+        self.stream, self.batch_size, self.seq_len, self.extra_targets = stream, batch_size, seq_len, extra_targets
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T), y (B, T), dom (B, T); windows may span document boundaries."""
-        n_starts = len(self.stream) - self.seq_len  # a window needs T+1 tokens
+        """x (B, T), y (B, T + D), dom (B, T + D); windows may span document boundaries."""
+        n_starts = len(self.stream) - self.seq_len - self.extra_targets  # a window needs T+D+1 tokens
         starts = torch.randint(0, n_starts, (self.batch_size,), generator=self.generator)  # (B,)
-        return _windows(self.stream, starts, self.seq_len)
+        return _windows(self.stream, starts, self.seq_len, self.extra_targets)
 
     def state_dict(self) -> dict:
         """Generator state plus the shape it was saved for (checked on load)."""
         return {"generator": self.generator.get_state().clone(), "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "n_tokens": len(self.stream)}
+                "seq_len": self.seq_len, "extra_targets": self.extra_targets, "n_tokens": len(self.stream)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the generator; the next batches equal those the saved Batcher would have drawn."""
+        """Restore the generator; the next batches equal those the saved Batcher would have drawn.
+        A state saved before ``extra_targets`` existed was saved with D = 0."""
         missing = {"generator", "batch_size", "seq_len", "n_tokens"} - set(state)
         if missing:
             raise ValueError(f"state is missing keys {sorted(missing)}")
-        mine = {"batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.stream)}
+        mine = {"batch_size": self.batch_size, "seq_len": self.seq_len, "extra_targets": self.extra_targets,
+                "n_tokens": len(self.stream)}
+        state = {"extra_targets": 0, **state}
         for key, value in mine.items():
             if state[key] != value:
                 raise ValueError(f"state[{key!r}] ({state[key]!r}) must equal this Batcher's {key} ({value}) "

@@ -4,15 +4,15 @@
 step it adds through a ``TrainHook``, never through an ``if is_moe`` branch in the loop. One
 step, with the seams marked::
 
-    x, y = sampler.next_batch()
+    x, y = sampler.next_batch()                   # y (B, T + D): D more targets for MTP's D depths
     output = model(x, return_aux=True)            # (logits (B, T, V), aux): aux["routing"] per MoE layer
-    loss = cross_entropy(output[0], y)
-    loss += sum(hook.extra_loss(model, (x, y), output, step))      # MoE balance loss; MTP loss (ch. 04)
+    loss = cross_entropy(output[0], y[:, :T])
+    loss += sum(hook.extra_loss(model, (x, y), output, step))      # MTP loss (ch. 04); MoE balance loss
     loss.backward()
     hook.after_backward(model, step)              # gradient sync across data-parallel ranks (ch. 06)
     clip_grad_norm_(...); optimizer.step()
     hook.after_optimizer_step(model, step)        # MoE bias update; FP8 scale bookkeeping (ch. 05)
-    record |= hook.metrics(model, step)           # MaxVio; per-depth MTP losses; ...
+    record |= hook.metrics(model, step)           # per-depth MTP losses; MaxVio; ...
 
 The extra losses are logged under their names (``history`` and ``metrics.jsonl``), as are the
 metrics; a key may come from one hook only, and a hook returns the same keys at every step.
@@ -25,6 +25,13 @@ auxiliary-loss-free bias update after each optimizer step, from the whole step's
 an optional balance loss (the complementary sequence-wise loss, eqs. 17-20, or the
 conventional batch-wise auxiliary loss). It does nothing on a model without MoE layers, so
 ``default_hooks`` can always include it.
+
+``MultiTokenPrediction`` is DeepSeek-V3's MTP objective (§2.2, eqs. 21-25): the D MTP modules
+run from the main model's final hidden state and their mean cross-entropy, weighted by
+lambda (0.3, then 0.1: §4.2), is added to the loss. It does nothing on a model without MTP
+modules. It comes before ``MoEBalancing``: the MTP blocks' MoE routing joins the pass's
+routing list, so the balance loss covers them like any MoE layer (the bias update and MaxVio
+already do: the MTP blocks count their load like any MoE layer).
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepseek_mini.config import ModelConfig
 from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_bias
+from deepseek_mini.mtp import mtp_lambda, mtp_logits, mtp_losses
 
-__all__ = ["TrainHook", "MoEBalancing", "BALANCE_LOSSES"]
+__all__ = ["TrainHook", "MoEBalancing", "MultiTokenPrediction", "BALANCE_LOSSES"]
 
 BALANCE_LOSSES = ("sequence", "batch", "none")
 
@@ -81,6 +90,13 @@ class TrainHook:
         if state:
             raise ValueError(f"hook {self.name!r} keeps no state, but the checkpoint holds some for it "
                              f"({sorted(state)})")
+
+    def applies_to(self, model_config: ModelConfig) -> bool:
+        """Whether the hook does anything for a model of this config. A resumed checkpoint may
+        lack a hook that does not (one added to the defaults after it was written, such as
+        ``MultiTokenPrediction`` for a model without MTP modules); any other missing hook
+        would change the run, so the resume is refused."""
+        return True
 
 
 class MoEBalancing(TrainHook):
@@ -142,3 +158,75 @@ class MoEBalancing(TrainHook):
         if not self._adds_loss:
             record["balance_loss"] = 0.0
         return record
+
+
+class MultiTokenPrediction(TrainHook):
+    """DeepSeek-V3's Multi-Token Prediction objective (§2.2, eqs. 21-25), as a training hook.
+
+    * ``extra_loss``: the D MTP modules run from the pass's final hidden state
+      (``output[1]["hidden"]``; ``mtp_logits``): depth k reads the hidden state of depth k - 1
+      and the embedding of token t_{i+k}, and predicts t_{i+k+1}. The loss added is
+      ``mtp_loss = lambda / D * sum_k L^k_MTP`` (eq. 25), each L^k the mean cross-entropy
+      over the T positions (eq. 24). The batch's targets ``y`` are (B, T + D): the trainer
+      draws windows D tokens longer (``Batcher(extra_targets=D)``), so every depth has a
+      target at every position; the main loss uses ``y[:, :T]``. The MTP blocks' MoE routing
+      is appended to ``output[1]["routing"]``, so a later ``MoEBalancing`` adds their balance
+      loss too.
+    * lambda follows ``mtp_lambda``: ``lambda_early`` (0.3) for the first ``lambda_switch``
+      (10/14.8: V3 switched after 10T of 14.8T tokens, §4.2) of ``total_steps``, then
+      ``lambda_late`` (0.1).
+    * ``metrics``: ``mtp_loss_1`` ... ``mtp_loss_D`` (each depth's unweighted L^k) and
+      ``mtp_lambda``.
+
+    The main model does not depend on the MTP modules: ``Transformer.forward`` never runs them,
+    so generation and evaluation ignore them and they can be dropped after training (or kept
+    as the draft of self-speculative decoding). On a model without MTP modules every method
+    does nothing. The hook keeps no state: lambda is a function of the step.
+    """
+
+    name = "mtp"
+    progress_keys = ("mtp_loss_1",)
+
+    def __init__(self, total_steps: int, lambda_early: float = 0.3, lambda_late: float = 0.1,
+                 lambda_switch: float = 10.0 / 14.8) -> None:
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps <= 0:
+            raise ValueError(f"total_steps ({total_steps!r}) must be a positive integer")
+        for label, value in (("lambda_early", lambda_early), ("lambda_late", lambda_late)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{label} ({value!r}) must be a number >= 0")
+        switch_ok = isinstance(lambda_switch, (int, float)) and not isinstance(lambda_switch, bool)
+        if not switch_ok or not 0 <= lambda_switch <= 1:
+            raise ValueError(f"lambda_switch ({lambda_switch!r}) must be a fraction of the run in [0, 1]")
+        self.total_steps, self.lambda_early, self.lambda_late = total_steps, lambda_early, lambda_late
+        self.lambda_switch = lambda_switch
+        self._losses: list[torch.Tensor] = []
+        self._lambda = 0.0
+
+    def weight(self, step: int) -> float:
+        """lambda at ``step`` (from 1)."""
+        return mtp_lambda(step, self.total_steps, self.lambda_early, self.lambda_late, self.lambda_switch)
+
+    def extra_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output: Any,
+                   step: int) -> dict[str, torch.Tensor]:
+        self._losses = []
+        if not getattr(model, "mtp", None):
+            return {}
+        (x, y), (_, aux) = batch, output
+        depth, length = len(model.mtp), x.shape[1]
+        if y.shape != (x.shape[0], length + depth):
+            raise ValueError(f"MTP needs targets (batch, seq_len + D) = {(x.shape[0], length + depth)} for inputs "
+                             f"{tuple(x.shape)} and D = {depth}, got {tuple(y.shape)}: draw the windows with "
+                             f"Batcher(..., extra_targets={depth})")
+        losses = mtp_losses(mtp_logits(model, aux["hidden"], y, routing=aux["routing"]), y)
+        self._losses, self._lambda = [loss.detach() for loss in losses], self.weight(step)
+        return {"mtp_loss": self._lambda / depth * sum(losses)}
+
+    def metrics(self, model: nn.Module, step: int) -> dict[str, float]:
+        if not self._losses:
+            return {}
+        record = {f"mtp_loss_{k}": loss.item() for k, loss in enumerate(self._losses, start=1)}
+        record["mtp_lambda"] = self._lambda
+        return record
+
+    def applies_to(self, model_config: ModelConfig) -> bool:
+        return model_config.num_nextn_predict_layers > 0

@@ -9,10 +9,11 @@ few hundred steps we warm up and decay straight away (``lr_schedule``).
 
 The loop is the same for every model. A feature adds to a step through a ``TrainHook``
 (``deepseek_mini.hooks``): extra losses, work after the backward pass or after the optimizer
-step, metrics. DeepSeekMoE's load balancing is the first (``MoEBalancing``); Multi-Token
-Prediction (chapter 04), FP8 (05) and parallelism (06) plug in the same way, without
-``if is_moe`` branches here. ``TrainConfig.compile`` runs the training forward and backward
-through ``torch.compile``.
+step, metrics. DeepSeekMoE's load balancing is the first (``MoEBalancing``), Multi-Token
+Prediction the second (``MultiTokenPrediction``, chapter 04: the windows then carry D more
+targets, ``y`` is (B, T + D) and the main loss reads ``y[:, :T]``); FP8 (05) and parallelism
+(06) plug in the same way, without ``if is_moe`` branches here. ``TrainConfig.compile`` runs
+the training forward and backward through ``torch.compile``.
 
 Honest simplifications for a CPU course: one process (chapter 06 adds pipeline and expert
 parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), no FP8
@@ -53,14 +54,14 @@ from tqdm.auto import tqdm
 
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
-from deepseek_mini.hooks import BALANCE_LOSSES, MoEBalancing, TrainHook
+from deepseek_mini.hooks import BALANCE_LOSSES, MoEBalancing, MultiTokenPrediction, TrainHook
 from deepseek_mini.model import build_model, check_tokens
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, atomic_write,
                                 config_differences, find_checkpoint, load_checkpoint, prepare_folder,
                                 restore_checkpoint, same_setting, sampler_state, save_checkpoint)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "RESUME_FIXED",
-           "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule", "select_device",
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "MultiTokenPrediction",
+           "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule", "select_device",
            "save_checkpoint", "load_checkpoint", "find_checkpoint", "plot_losses", "main"]
 
 DEFAULT_OUT = "runs/toy"   # the command line's --out when none is given (the API writes no files by default)
@@ -71,6 +72,7 @@ _OPTIMIZER = "the optimizer's state was built with it"
 _SAMPLER = "the data sampler's saved state is for the checkpoint's value"
 _CORPUS = "the corpus depends on it"
 _BALANCE = "the load-balancing recipe is part of the run"
+_MTP = "the MTP loss weight is part of the run"
 
 
 def _setting(default: Any, help: str, group: str, *, flag: str | None = None, metavar: str | None = None,
@@ -142,6 +144,16 @@ class TrainConfig:
                                  fixed=_BALANCE)
     balance_loss_alpha: float = _setting(1e-4, "balance loss weight alpha", "balancing", flag="--balance-alpha",
                                          metavar="ALPHA", fixed=_BALANCE)
+    # Multi-Token Prediction (§2.2; MultiTokenPrediction; nothing on models without MTP modules). The loss is
+    # main + lambda/D * sum_k L^k (eq. 25), lambda 0.3 for the first 10T of V3's 14.8T tokens, then 0.1 (§4.2),
+    # here scaled to the run's steps (a resume with more steps moves the switch, as it stretches the schedule).
+    mtp_lambda: float = _setting(0.3, "MTP loss weight lambda for the first part of the run", "mtp",
+                                 metavar="LAMBDA", fixed=_MTP)
+    mtp_lambda_late: float = _setting(0.1, "MTP loss weight lambda for the rest of the run", "mtp",
+                                      metavar="LAMBDA", fixed=_MTP)
+    mtp_lambda_switch: float = _setting(10 / 14.8, "fraction of the steps trained with --mtp-lambda before "
+                                                   "--mtp-lambda-late takes over", "mtp", metavar="FRACTION",
+                                        fixed=_MTP, shown="10/14.8, V3's 10T of 14.8T tokens")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_docs"):
@@ -153,7 +165,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} ({value!r}) must be an integer >= 0")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "bias_update_speed",
-                     "balance_loss_alpha"):
+                     "balance_loss_alpha", "mtp_lambda", "mtp_lambda_late", "mtp_lambda_switch"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name} ({value!r}) must be a number, not {type(value).__name__}")
@@ -170,6 +182,11 @@ class TrainConfig:
                              f"({self.balance_loss_alpha}) must be >= 0")
         if self.balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss ({self.balance_loss!r}) must be 'sequence', 'batch' or 'none'")
+        if not self.mtp_lambda >= 0 or not self.mtp_lambda_late >= 0:
+            raise ValueError(f"mtp_lambda ({self.mtp_lambda}) and mtp_lambda_late ({self.mtp_lambda_late}) "
+                             "must be >= 0")
+        if not 0 <= self.mtp_lambda_switch <= 1:
+            raise ValueError(f"mtp_lambda_switch ({self.mtp_lambda_switch}) must be a fraction of the run in [0, 1]")
         for name in ("compile", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
@@ -188,9 +205,11 @@ RESUME_FIXED: dict[str, tuple[str, str]] = {f.name: (_flag(f), f.metadata["fixed
 
 
 def default_hooks(cfg: TrainConfig) -> list[TrainHook]:
-    """The hooks ``train`` uses unless given others: DeepSeekMoE's balancing with ``cfg``'s recipe
-    (it does nothing on a model without MoE layers)."""
-    return [MoEBalancing(cfg.bias_update_speed, cfg.balance_loss, cfg.balance_loss_alpha)]
+    """The hooks ``train`` uses unless given others, with ``cfg``'s settings: Multi-Token Prediction
+    (nothing on a model without MTP modules), then DeepSeekMoE's balancing (nothing on a model
+    without MoE layers). MTP comes first so that its blocks' routing joins the balance loss."""
+    return [MultiTokenPrediction(cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_late, cfg.mtp_lambda_switch),
+            MoEBalancing(cfg.bias_update_speed, cfg.balance_loss, cfg.balance_loss_alpha)]
 
 
 def _saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:
@@ -331,15 +350,23 @@ class _Plan:
     hooks: list[TrainHook]
 
 
-def _check_hooks(hooks: Sequence[TrainHook], state: dict[str, Any] | None, checkpoint: Path | None) -> list[TrainHook]:
-    """Hooks are TrainHook instances with unique names; a resume has the checkpoint's hooks."""
+def _check_hooks(hooks: Sequence[TrainHook], state: dict[str, Any] | None, checkpoint: Path | None,
+                 model_config: ModelConfig) -> list[TrainHook]:
+    """Hooks are TrainHook instances with unique names, MTP before MoE balancing; a resume has the
+    checkpoint's hooks (it may lack one that does nothing for this model: ``TrainHook.applies_to``)."""
     if isinstance(hooks, TrainHook) or not all(isinstance(h, TrainHook) for h in hooks):
         raise ValueError(f"hooks must be a list of TrainHook instances, got {hooks!r}")
     names = [h.name for h in hooks]
     if len(set(names)) != len(names):
         raise ValueError(f"hook names must be unique (they key the hooks' states in checkpoints): {names}")
+    kinds = [type(h) for h in hooks]
+    if MultiTokenPrediction in kinds and MoEBalancing in kinds[:kinds.index(MultiTokenPrediction)]:
+        raise ValueError("put the MultiTokenPrediction hook before MoEBalancing: the MTP blocks' routing must join "
+                         "the balance loss, which MoEBalancing computes")
     saved = state.get("hooks") if state is not None else None
-    if saved is not None and sorted(saved) != sorted(names):   # checkpoints before issue #10 saved no hooks
+    # a hook the checkpoint lacks is fine if it does nothing for this model (added to the defaults since)
+    needed = sorted(h.name for h in hooks if saved is not None and (h.name in saved or h.applies_to(model_config)))
+    if saved is not None and sorted(saved) != needed:   # checkpoints before issue #10 saved no hooks
         raise ValueError(f"the checkpoint {str(checkpoint)!r} was trained with hooks {sorted(saved)}, this run "
                          f"has {sorted(names)}; the hooks are part of the run: pass the same ones (hooks=None "
                          "gives the defaults)")
@@ -394,7 +421,7 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {str(out_dir)!r} is a file, not a folder; choose another path")
-    hooks = _check_hooks(default_hooks(cfg) if hooks is None else hooks, state, checkpoint)
+    hooks = _check_hooks(default_hooks(cfg) if hooks is None else hooks, state, checkpoint, model_config)
     return _Plan(model_config, cfg, select_device(cfg.device), state, checkpoint, out_dir, overwrite, cli, hooks)
 
 
@@ -452,9 +479,12 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
             raise ValueError(f"the {name} data does not fit the model: {exc}") from None
     model = build_model(model_config, device=device, seed=cfg.seed)
     optimizer = _make_optimizer(model, cfg)
-    batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    # per step: step, train_loss, lr and whatever the hooks log (MoE: maxvio, balance_loss)
+    # MTP's depth k needs targets up to k tokens past the window: y is (B, T + D), the main loss reads y[:, :T]
+    batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                      extra_targets=model_config.num_nextn_predict_layers)
+    val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)   # next-token loss only
+    # per step: step, train_loss, lr and whatever the hooks log (MoE: maxvio, balance_loss; MTP: mtp_loss,
+    # mtp_loss_1..D, mtp_lambda)
     history: dict[str, list[float]] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "val_loss": []}
     if state is not None:
         restore_checkpoint(state, model, optimizer, batcher, rng=True)
@@ -494,7 +524,7 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                 extra: dict[str, torch.Tensor] = {}
                 with _autocast(device):
                     output = forward(x, return_aux=True)     # (logits, aux): aux["routing"] for MoE
-                    loss = _lm_loss(output[0], y)
+                    loss = _lm_loss(output[0], y[:, :x.shape[1]])   # the main model's next tokens
                     for hook in hooks:
                         _add(extra, hook.extra_loss(model, (x, y), output, step), hook, "adds the loss")
                 optimizer.zero_grad(set_to_none=True)
@@ -574,7 +604,8 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     streams they already made). Returns the trained model and its loss history.
 
     ``hooks`` are the features plugged into the loop (``TrainHook``); None gives
-    ``default_hooks(train_config)``, DeepSeekMoE's balancing. To add one, pass
+    ``default_hooks(train_config)``: Multi-Token Prediction and DeepSeekMoE's balancing, each doing
+    nothing on a model without the feature. To add one, pass
     ``[*default_hooks(cfg), MyHook()]``. Their extra losses and metrics go to the history
     and ``metrics.jsonl`` under their names.
 

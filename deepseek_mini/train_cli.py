@@ -53,6 +53,7 @@ _GROUPS = {   # TrainConfig declarations' groups -> titles, in --help order ("mo
     "run": "run",   # titled with the flags a resume may change, below
     "optimizer": "optimizer (AdamW, DeepSeek-V3 §4.2; on --resume: the checkpoint's)",
     "balancing": "load balancing (MoE models only; DeepSeek-V3 §2.1.2)",
+    "mtp": "multi-token prediction (DeepSeek-V3 §2.2, §4.2; the lambdas act only when D > 0)",
     "data": "data",
     "output": "output",
 }
@@ -69,8 +70,9 @@ def _help(f: dataclasses.Field) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The options: one per ``TrainConfig`` field, generated from its declaration, plus the four
-    that are not training settings (--config, --overwrite, --resume, --samples).
+    """The options: one per ``TrainConfig`` field, generated from its declaration, plus the five
+    that are not training settings (--config and --mtp-depth, which pick the model config,
+    --overwrite, --resume, --samples).
 
     Every option defaults to None, so that ``main`` can tell a flag the user typed from a default.
     """
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                "  python -m deepseek_mini.train --data my_text.txt --out runs/mine\n"
                "  python -m deepseek_mini.train --resume runs/toy      # continue a stopped run (Ctrl-C saves one)\n"
                "  python -m deepseek_mini.train --resume runs/toy --steps 1600   # train a finished run further\n"
+               "  python -m deepseek_mini.train --mtp-depth 1 --out runs/mtp   # the toy + one MTP module (chapter 04)\n"
                "  python -m deepseek_mini.train --config mini --device cuda --steps 5000 --out runs/mini\n"
                "\n"
                "A folder that holds a run is never silently replaced: pass --overwrite, --resume it or\n"
@@ -99,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         "--config", metavar="NAME_OR_PATH",
         help=f"preset ({', '.join(preset_names())}) or path to a config.json (default: toy; on --resume, "
              "the checkpoint's)")
+    groups["mtp"].add_argument(
+        "--mtp-depth", type=int, metavar="D",
+        help="MTP depth D, the model config's num_nextn_predict_layers: each position also learns to predict "
+             "the D tokens after the next (default: the config's, 0 in every preset but deepseek-v3, which has "
+             "V3's 1; on --resume, the checkpoint's)")
     for f in sorted(settings, key=lambda f: list(_GROUPS).index(f.metadata["group"])):   # usage in --help order
         meta, group = f.metadata, groups[f.metadata["group"]]
         if isinstance(f.default, bool):   # the flag turns the setting to the other value
@@ -126,17 +134,24 @@ def _cli_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, Pa
     """
     flags = {f.name: _flag(f) for f in fields(TrainConfig)}
     given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    depth = {} if args.mtp_depth is None else {"num_nextn_predict_layers": args.mtp_depth}
+    if args.mtp_depth is not None and args.mtp_depth < 0:
+        raise ValueError(f"--mtp-depth ({args.mtp_depth}) must be >= 0 (0: no MTP modules)")
     if args.resume is None:
         cfg = TrainConfig(**{"out_dir": DEFAULT_OUT, **given})
-        return load_config(args.config or "toy"), cfg, None
+        return load_config(args.config or "toy", **depth), cfg, None
     checkpoint = find_checkpoint(args.resume)
     meta = peek_checkpoint(checkpoint)
     saved = _saved_train_config(meta, checkpoint)
     saved_model = ModelConfig.from_dict(meta["model_config"], source=f"checkpoint {str(checkpoint)!r}")
-    if args.config is not None and load_config(args.config) != saved_model:
-        diff = config_differences(load_config(args.config), saved_model)
-        raise ValueError(f"--config {args.config} differs from the checkpoint's model ({'; '.join(diff[:3])}"
-                         f"{'; ...' if len(diff) > 3 else ''}); --resume restores the checkpoint's model: drop --config")
+    typed = {flag: value for flag, value in (("--config", args.config), ("--mtp-depth", args.mtp_depth))
+             if value is not None}
+    asked = load_config(args.config or saved_model, **depth) if typed else saved_model
+    if asked != saved_model:
+        diff = config_differences(asked, saved_model)
+        raise ValueError(f"{' '.join(f'{flag} {value}' for flag, value in typed.items())} differs from the "
+                         f"checkpoint's model ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); --resume "
+                         f"restores the checkpoint's model: drop {' and '.join(typed)}")
     for name, value in given.items():
         if name in RESUME_FIXED and not same_setting(name, value, getattr(saved, name)):
             raise ValueError(f"{flags[name]} {value} differs from the checkpoint's {getattr(saved, name)}; "
@@ -189,6 +204,11 @@ def _report(result: TrainResult, samples: int) -> None:
         last = h["maxvio"][-50:]
         print(f"expert load balance: MaxVio {sum(last) / len(last):.3f} over the last {len(last)} steps "
               f"(max/mean tokens per expert - 1; 0 = perfectly balanced)")
+    depths = [key for key in h if key.startswith("mtp_loss_")]
+    if depths:
+        means = ", ".join(f"{sum(h[key][-50:]) / len(h[key][-50:]):.3f}" for key in depths)
+        print(f"multi-token prediction: loss per depth k = 1..{len(depths)}: {means} over the last "
+              f"{len(h[depths[0]][-50:])} steps (depth k predicts the token k + 1 ahead)")
     plot = plot_losses(result, out / PLOT_NAME)
     print(f"\nloss plot:  {plot}")
     print(f"metrics:    {out / METRICS_NAME}")

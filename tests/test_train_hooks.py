@@ -23,8 +23,8 @@ from deepseek_mini.data import Batcher, make_datasets
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_biases
 from deepseek_mini.runs import save_checkpoint
-from deepseek_mini.train import (RESUME_FIXED, MoEBalancing, TrainConfig, TrainHook, _make_optimizer, default_hooks,
-                                 load_checkpoint, lr_schedule, train)
+from deepseek_mini.train import (RESUME_FIXED, MoEBalancing, MultiTokenPrediction, TrainConfig, TrainHook,
+                                 _make_optimizer, default_hooks, load_checkpoint, lr_schedule, train)
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)
@@ -90,7 +90,7 @@ def test_train_equals_the_hand_written_moe_step_bit_for_bit(data, recipe):
     assert_same_weights(model.state_dict(), result.model.state_dict())
     for key, values in history.items():
         assert result.history[key] == values, key
-    assert [type(h) for h in result.hooks] == [MoEBalancing]
+    assert [type(h) for h in result.hooks] == [MultiTokenPrediction, MoEBalancing]   # MTP: nothing here (D = 0)
 
 
 def test_without_hooks_the_loop_does_nothing_moe_specific(data):
@@ -100,9 +100,12 @@ def test_without_hooks_the_loop_does_nothing_moe_specific(data):
 
 
 def test_default_hooks_carry_the_train_configs_recipe():
-    (hook,) = default_hooks(TrainConfig(bias_update_speed=0.25, balance_loss="batch", balance_loss_alpha=0.5))
+    mtp, hook = default_hooks(TrainConfig(bias_update_speed=0.25, balance_loss="batch", balance_loss_alpha=0.5,
+                                          steps=7, mtp_lambda=0.6, mtp_lambda_late=0.2, mtp_lambda_switch=0.5))
     assert isinstance(hook, MoEBalancing) and (hook.gamma, hook.kind, hook.alpha) == (0.25, "batch", 0.5)
     assert hook.process_group is None
+    assert isinstance(mtp, MultiTokenPrediction)
+    assert (mtp.total_steps, mtp.lambda_early, mtp.lambda_late, mtp.lambda_switch) == (7, 0.6, 0.2, 0.5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -234,13 +237,13 @@ def test_hook_state_is_checkpointed_and_a_resume_needs_the_same_hooks(data, tmp_
     cfg = run(steps=4, checkpoint_every=2, out_dir=str(tmp_path / "a"))
     train(config, cfg, data=data, hooks=[*default_hooks(cfg), StepCounter()])
     midway = tmp_path / "a" / "checkpoint-000002.pt"
-    assert load_checkpoint(midway)["hooks"] == {"moe_balancing": {}, "counter": {"seen": 2}}
+    assert load_checkpoint(midway)["hooks"] == {"mtp": {}, "moe_balancing": {}, "counter": {"seen": 2}}
     counter = StepCounter()
     resumed = train(None, run(steps=4, out_dir=str(tmp_path / "b")), data=data, resume=midway,
                     hooks=[*default_hooks(cfg), counter])
     assert counter.seen == 4 and resumed.history["seen"] == [1.0, 2.0, 3.0, 4.0]
-    with pytest.raises(ValueError, match=r"trained with hooks \['counter', 'moe_balancing'\], this run has "
-                                         r"\['moe_balancing'\]; the hooks are part of the run"):
+    with pytest.raises(ValueError, match=r"trained with hooks \['counter', 'moe_balancing', 'mtp'\], this run has "
+                                         r"\['moe_balancing', 'mtp'\]; the hooks are part of the run"):
         train(None, run(steps=4, out_dir=str(tmp_path / "c")), data=data, resume=midway)
 
 
