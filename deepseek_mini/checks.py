@@ -16,6 +16,7 @@ check cell by whether it raised. Later chapters add their ``check_*`` functions 
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -24,7 +25,8 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_causal_mask", "check_kv_cache_append", "check_top_p_filter",
            "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention",
            "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
-           "check_max_violation"]
+           "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
+           "check_speculative_rule"]
 
 
 class CheckFailure(AssertionError):
@@ -537,3 +539,343 @@ def check_max_violation(max_violation: Callable) -> None:
             shown = load if len(load) <= 8 else f"{load[:4]} ... ({len(load)} experts)"
             _fail(ex, f"MaxVio of load {shown} is {got:.6g}, expected {expected:.6g}", hint)
     _passed(ex, "MaxVio = max / mean - 1 on hand-computed and random loads")
+
+
+# ----------------------------------------------------------------------- chapter 04
+
+
+def _call_safe(exercise: str, fn: Callable, case: str, *args):
+    """Run the learner's function on ``case``; any exception it raises becomes a CheckFailure naming the case."""
+    try:
+        return _call(exercise, fn, *args)
+    except CheckFailure:
+        raise
+    except Exception as exc:        # a broken solution is a failed check, never a crash of the check
+        _fail(exercise, f"raised {type(exc).__name__} on {case}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+              "run your function on this input in a cell of your own to see where it fails")
+
+
+def _tensor_of(exercise: str, got, name: str, shape: tuple, dtype: torch.dtype,
+               hint: str | None = None) -> torch.Tensor:
+    """``got`` as a tensor of this shape and dtype, or a CheckFailure that says what it is instead."""
+    if not isinstance(got, torch.Tensor):
+        _fail(exercise, f"{name} should be a torch.Tensor, got {type(got).__name__}", hint)
+    if tuple(got.shape) != tuple(shape):
+        _fail(exercise, f"{name} has shape {tuple(got.shape)}, expected {tuple(shape)}", hint)
+    if got.dtype != dtype:
+        _fail(exercise, f"{name} has dtype {got.dtype}, expected {dtype}", hint)
+    return got.detach()
+
+
+def _shift_variant(labels: torch.Tensor, length: int, start: int, fill: int, left: bool = False) -> torch.Tensor:
+    """labels[:, start : start + length], padded to ``length`` with ``fill`` (at the end, or at the start)."""
+    piece = labels[:, max(start, 0):max(start, 0) + length]
+    pad = length - piece.shape[1]
+    return torch.nn.functional.pad(piece, (pad, 0) if left else (0, pad), value=fill)
+
+
+def check_mtp_shift(mtp_shift: Callable) -> None:
+    """Exercise 04.1: depth k's inputs t_{i+k} = labels[:, k-1 : k-1+T] and targets t_{i+k+1} = labels[:, k : k+T]."""
+    from deepseek_mini.mtp import IGNORE_INDEX
+    from deepseek_mini.mtp import mtp_shift as reference
+
+    ex = "mtp_shift"
+    hand = torch.arange(11, 16)[None]        # the labels of inputs 10..13 in the window 10..15
+    rand = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(7))   # no 0: padding shows
+    cases = [(hand, 4, 1, "labels [[11, 12, 13, 14, 15]], length 4, depth 1"),
+             (hand, 4, 2, "labels [[11, 12, 13, 14, 15]], length 4, depth 2"),
+             (hand[:, :4], 4, 1, "a plain T + 1 window: labels [[11, 12, 13, 14]], length 4, depth 1"),
+             (rand, 6, 3, "random labels (2, 7), length 6, depth 3")]
+    general = ("inputs = labels[:, k-1 : k-1+T] padded with 0 at the end, "
+               "targets = labels[:, k : k+T] padded with IGNORE_INDEX (-100) at the end")
+    for labels, length, depth, case in cases:
+        got = _call_safe(ex, mtp_shift, case, labels.clone(), length, depth)
+        inputs, targets = reference(labels, length, depth)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            _fail(ex, f"should return a pair (inputs, targets), got {type(got).__name__}"
+                  + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""), "return inputs, targets")
+        shape_hint = ("both are (batch, length): pad the positions beyond the window "
+                      "(inputs with 0, targets with IGNORE_INDEX), do not drop them")
+        got_in = _tensor_of(ex, got[0], f"inputs for {case}", inputs.shape, torch.long, shape_hint)
+        got_tgt = _tensor_of(ex, got[1], f"targets for {case}", targets.shape, torch.long, shape_hint)
+        if torch.equal(got_in, targets) and torch.equal(got_tgt, inputs) and not torch.equal(inputs, targets):
+            _fail(ex, f"{case}: inputs and targets are swapped", "return (inputs, targets), in that order")
+        for name, got_part, expected, start, fill in (("inputs", got_in, inputs, depth - 1, 0),
+                                                      ("targets", got_tgt, targets, depth, IGNORE_INDEX)):
+            if torch.equal(got_part, expected):
+                continue
+            mistakes = [(_shift_variant(labels, length, start + 1, fill),
+                         f"off by one: depth k's {name} start at labels[:, {'k-1' if name == 'inputs' else 'k'}] "
+                         "(labels[:, j] is the token *after* input j, so t_{i+k} = labels[:, i+k-1])"),
+                        (_shift_variant(labels, length, start - 1, fill),
+                         f"off by one: depth k's {name} start at labels[:, {'k-1' if name == 'inputs' else 'k'}]; "
+                         + ("labels[:, k-1 : k-1+T] are its inputs, its targets are one token later"
+                            if name == "targets" else "you took depth k-1's inputs")),
+                        (_shift_variant(labels, length, start, fill, left=True),
+                         f"pad the {name} at the end (the right): position i of depth k is token i's slot, "
+                         "so the missing tokens are the last positions'"),
+                        (_shift_variant(labels, length, start, 0 if fill == IGNORE_INDEX else IGNORE_INDEX),
+                         "pad the targets with IGNORE_INDEX (-100), not 0: a 0 target would train the model to "
+                         "predict token 0 where the window has no token" if name == "targets" else
+                         "pad the inputs with token 0: -100 is not a token id (the embedding cannot look it up); "
+                         "causal attention keeps the padded inputs from every earlier position")]
+            hint = next((h for wrong, h in mistakes if torch.equal(got_part, wrong)), general)
+            assert_tensor_close(ex, got_part, expected, f"{name} for {case}", hint=hint)
+    _passed(ex, "inputs labels[:, k-1 : k-1+T] padded with 0, targets labels[:, k : k+T] padded with IGNORE_INDEX")
+
+
+def _depth_loss_variant(logits: torch.Tensor, labels: torch.Tensor, start: int, fill: int | None = None,
+                        over_all: bool = False, reduction: str = "mean",
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The depth loss with targets labels[:, start : start + T], for diagnosis of the usual mistakes."""
+    from deepseek_mini.mtp import IGNORE_INDEX
+
+    length = logits.shape[1]
+    targets = _shift_variant(labels, length, start, IGNORE_INDEX if fill is None else fill)
+    nll = torch.nn.functional.cross_entropy(logits.to(dtype).flatten(0, 1), targets.flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="none")
+    if reduction == "sum":
+        return nll.sum().float()
+    count = nll.numel() if over_all else (targets != IGNORE_INDEX).sum()
+    return (nll.sum() / count).float()
+
+
+def check_mtp_depth_loss(mtp_depth_loss: Callable) -> None:
+    """Exercise 04.2: L^k_MTP (eq. 24), the mean cross-entropy over depth k's positions that have a target."""
+    from deepseek_mini.mtp import mtp_losses
+
+    ex = "mtp_depth_loss"
+    g = torch.Generator().manual_seed(8)
+    vocab = 11
+    cases = [(torch.randn(2, 5, vocab, generator=g) * 2, torch.randint(0, vocab, (2, 5), generator=g), 3,
+              "logits (2, 5, 11), a plain window of labels (2, 5), depth 3 (2 of 5 positions have a target)"),
+             (torch.randn(2, 5, vocab, generator=g) * 2, torch.randint(0, vocab, (2, 5), generator=g), 1,
+              "logits (2, 5, 11), labels (2, 5), depth 1 (the last position has no target)"),
+             (torch.randn(3, 7, vocab, generator=g) * 2, torch.randint(0, vocab, (3, 9), generator=g), 2,
+              "logits (3, 7, 11), a T + D window of labels (3, 9), depth 2 (every position has a target)"),
+             ((torch.randn(2, 6, vocab, generator=g) * 4).bfloat16(), torch.randint(0, vocab, (2, 7), generator=g), 1,
+              "bfloat16 logits (2, 6, 11), labels (2, 7), depth 1")]
+    general = ("targets = labels[:, k : k+T]; the last positions have none when the window ends; "
+               "average -log softmax(logits)[target] over the positions that have one")
+    for logits, labels, depth, case in cases:
+        leaf = logits.clone().requires_grad_()
+        got = _call_safe(ex, mtp_depth_loss, case, leaf, labels.clone(), depth)
+        expected = mtp_losses([logits] * depth, labels)[depth - 1]
+        if not isinstance(got, torch.Tensor) or got.numel() != 1:
+            shape = f"shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+            _fail(ex, f"should return a scalar tensor, got {shape} for {case}",
+                  "average over the positions with a target: one number per depth (a float would carry no gradient)")
+        if logits.dtype == torch.bfloat16 and got.dtype != torch.float32:
+            _fail(ex, f"returned a {got.dtype} loss for {case}", "compute the cross-entropy in float32 "
+                  "(logits.float() before the softmax): bf16 keeps about 3 significant digits, too few for a loss")
+        value = got.detach().reshape(()).float()
+        if not torch.isclose(value, expected, rtol=1e-5, atol=1e-6):
+            mistakes = [(dict(start=depth, over_all=True), "divide by the number of positions that have a target, "
+                         "not by B*T: the masked positions add nothing to the sum and must not count in the mean"),
+                        (dict(start=depth, fill=0), "the positions beyond the window have no target: leave them out "
+                         "(or mark them IGNORE_INDEX), do not score them against token 0"),
+                        (dict(start=0), "depth k predicts t_{i+k+1}: its targets are labels[:, k : k+T]; "
+                                        "labels[:, :T] are the main model's (depth 0) targets"),
+                        (dict(start=depth - 1), "off by one: depth k's targets are labels[:, k : k+T]; "
+                                                "labels[:, k-1 : k-1+T] are its inputs"),
+                        (dict(start=depth + 1), "off by one: depth k's targets are labels[:, k : k+T]"),
+                        (dict(start=depth, reduction="sum"), "eq. 24 averages over positions: a mean, not a sum"),
+                        (dict(start=depth, dtype=logits.dtype), "compute the cross-entropy in float32 "
+                         "(logits.float() before the softmax): bf16 keeps about 3 significant digits")]
+            hint = next((h for kw, h in mistakes
+                         if torch.isclose(value, _depth_loss_variant(logits, labels, **kw), rtol=1e-5, atol=1e-6)),
+                        "the loss is NaN: a mean over no positions, or the log of a 0 probability? Use log_softmax"
+                        if value.isnan() else general)
+            if logits.dtype == torch.bfloat16 and torch.isclose(value, expected, rtol=2e-2) and hint == general:
+                hint = mistakes[-1][1]          # near, not equal: computed in bf16, then cast
+            _fail(ex, f"{case}: got {value.item():.6g}, expected {expected.item():.6g}", hint)
+        if not got.requires_grad:
+            _fail(ex, f"{case}: the loss carries no gradient to the logits", "compute it from `logits` with "
+                  "differentiable operations (no .detach(), .item(), torch.no_grad() or integer casts)")
+    _passed(ex, "the mean cross-entropy over the positions with a target (eq. 24), in float32, differentiable")
+
+
+def _greedy_verify_reference(logits: torch.Tensor, draft: int) -> list[int]:
+    """Accept the draft iff it is the main model's argmax for its position; then the bonus token follows."""
+    choice, bonus = int(logits[0].argmax()), int(logits[1].argmax())
+    return [draft, bonus] if choice == draft else [choice]
+
+
+def _token_list(exercise: str, got, case: str) -> list[int]:
+    """A list/tuple of ints (or 0-d tensors) or a 1-D integer tensor, as a list of ints."""
+    hint = "return a list of token ids: [draft, bonus] when the draft is accepted, [main model's token] when not"
+    items = got.tolist() if isinstance(got, torch.Tensor) and got.dim() == 1 else got
+    if not isinstance(items, (list, tuple)):
+        _fail(exercise, f"{case}: should return a list of token ids, got {type(got).__name__}", hint)
+    tokens = []
+    for item in items:
+        try:                    # ints, NumPy ints and one-element integer tensors; not floats or bools
+            if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
+                raise TypeError
+            tokens.append(operator.index(item))
+        except TypeError:
+            _fail(exercise, f"{case}: should return a list of token ids (ints), got an element of type "
+                  f"{type(item).__name__}", hint)
+    return tokens
+
+
+def _verify_logits(choice: int, bonus: int, vocab: int = 6, seed: int = 0) -> torch.Tensor:
+    """(2, vocab) logits whose argmaxes are ``choice`` (row 0) and ``bonus`` (row 1), with clear margins."""
+    logits = torch.rand(2, vocab, generator=torch.Generator().manual_seed(seed))
+    logits[0, choice] += 2.0
+    logits[1, bonus] += 2.0
+    return logits
+
+
+_REJECTED_EMITTED = ("a rejected draft is never emitted: the main model disagreed, so its own token "
+                     "argmax(logits[0]) replaces the draft")
+_WRONG_ROW = ("compare the draft with argmax(logits[0]): row 0 is the main model's prediction for the draft's "
+              "position; row 1 predicts the token after the draft")
+_NO_BONUS = ("an accepted draft brings a bonus token: logits[1] is the main model's prediction after the draft, "
+             "so emit [draft, argmax(logits[1])]: two tokens for one forward pass")
+# The usual wrong verify steps, as functions of (choice = argmax row 0, bonus = argmax row 1, draft).
+_VERIFY_MISTAKES: list[tuple[Callable[[int, int, int], list[int]], str]] = [
+    (lambda c, b, d: [d, b], _REJECTED_EMITTED),
+    (lambda c, b, d: [d, b] if c == d else [d], _REJECTED_EMITTED),
+    (lambda c, b, d: [d] if c == d else [c], _NO_BONUS),
+    (lambda c, b, d: [d, b] if c == d else [c, b],
+     "after a rejection emit only argmax(logits[0]): logits[1] was computed with the rejected draft in the context, "
+     "so its prediction is discarded"),
+    (lambda c, b, d: [d, b] if b == d else [b], _WRONG_ROW),
+    (lambda c, b, d: [d, b] if b == d else [c], _WRONG_ROW),
+    (lambda c, b, d: [d, c] if c == d else [c],
+     "the bonus token is argmax(logits[1]), the main model's prediction after the accepted draft"),
+]
+
+
+def check_greedy_verify(greedy_verify: Callable) -> None:
+    """Exercise 04.3: the greedy verify step of self-speculative decoding (DeepSeek-V3 §5.4.3)."""
+    ex = "greedy_verify"
+    # (choice = argmax of row 0, bonus = argmax of row 1, draft)
+    cases = [(3, 5, 3, "accepted"), (2, 1, 4, "rejected"), (1, 4, 4, "rejected; row 1's argmax equals the draft"),
+             (0, 2, 0, "accepted; row 1's argmax differs from the draft"), (5, 5, 5, "accepted; the bonus repeats")]
+    got_all, expected_all, names = [], [], []
+    for number, (choice, bonus, draft, kind) in enumerate(cases):
+        logits = _verify_logits(choice, bonus, seed=number)
+        case = f"argmax(logits[0]) = {choice}, argmax(logits[1]) = {bonus}, draft {draft} ({kind})"
+        got_all.append(_token_list(ex, _call_safe(ex, greedy_verify, case, logits.clone(), draft), case))
+        expected_all.append(_greedy_verify_reference(logits, draft))
+        names.append(case)
+    if got_all != expected_all:
+        # Name the mistake by the learner's answers on all five cases: one case alone is ambiguous.
+        hint = next((h for wrong, h in _VERIFY_MISTAKES if [wrong(c, b, d) for c, b, d, _ in cases] == got_all),
+                    "accept iff draft == argmax(logits[0]); accepted: [draft, argmax(logits[1])]; "
+                    "rejected: [argmax(logits[0])]")
+        at = next(i for i, (a, b) in enumerate(zip(got_all, expected_all)) if a != b)
+        _fail(ex, f"{names[at]}: returned {got_all[at]}, expected {expected_all[at]}", hint)
+
+    # The property: with this step, speculative decoding emits exactly plain greedy decoding's tokens.
+    vocab, steps = 8, 24
+    following = torch.tensor([3, 6, 0, 5, 1, 7, 2, 4])          # greedy bigram "main model": one cycle 0 3 5 7 4 1 6 2
+    table = torch.rand(vocab, vocab, generator=torch.Generator().manual_seed(9))
+    table[torch.arange(vocab), following] += 2.0
+    guess = torch.where(torch.arange(vocab) % 2 == 0, following, (following + 1) % vocab)   # right after even tokens
+    plain, token = [], 0
+    for _ in range(steps):
+        token = int(table[token].argmax())
+        plain.append(token)
+    fast = [int(table[0].argmax())]
+    for _ in range(steps):
+        if len(fast) >= steps:
+            break
+        last, draft = fast[-1], int(guess[fast[-1]])
+        case = f"a bigram model's decoding step after token {last}, draft {draft}"
+        emitted = _token_list(ex, _call_safe(ex, greedy_verify, case, table[[last, draft]].clone(), draft), case)
+        if not 1 <= len(emitted) <= 2:
+            _fail(ex, f"{case}: returned {len(emitted)} tokens", "a verify step emits one or two tokens")
+        fast += emitted
+    if fast[:steps] != plain:
+        at = next(i for i, (a, b) in enumerate(zip(fast, plain)) if a != b)
+        _fail(ex, f"speculative decoding of a bigram model with your step differs from plain greedy decoding "
+              f"at token {at}: {fast[at]} instead of {plain[at]}",
+              "every emitted token must be the main model's argmax given the tokens before it")
+    _passed(ex, "accepts exactly the main model's argmax, adds the bonus, and decodes like plain greedy decoding")
+
+
+def _speculative_rule_reference(p: torch.Tensor, q: torch.Tensor,
+                                draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """min(1, p(d)/q(d)) and max(p - q, 0) normalised (p itself where p == q: the residual is never drawn)."""
+    p_d, q_d = p.gather(-1, draft[..., None])[..., 0], q.gather(-1, draft[..., None])[..., 0]
+    residual = (p - q).clamp(min=0)
+    total = residual.sum(-1, keepdim=True)
+    return (p_d / q_d).clamp(max=1.0), torch.where(total > 0, residual / total.clamp(min=1e-30), p)
+
+
+def _emitted_distribution(p: torch.Tensor, q: torch.Tensor, accept_all: torch.Tensor,
+                          residual: torch.Tensor) -> torch.Tensor:
+    """P(token x) = q(x) a(x) + (1 - sum_y q(y) a(y)) r(x): the rule's output distribution, exactly."""
+    kept = q * accept_all
+    return kept + (1 - kept.sum(-1, keepdim=True)) * residual
+
+
+def check_speculative_rule(speculative_rule: Callable) -> None:
+    """Exercise 04.4: the accept/reject rule of speculative sampling (Leviathan et al. 2023, Theorem 1)."""
+    from deepseek_mini.generate import token_distribution
+
+    ex = "speculative_rule"
+    p_hand = torch.tensor([[0.5, 0.2, 0.2, 0.1, 0.0]] * 4)
+    q_hand = torch.tensor([[0.2, 0.2, 0.25, 0.25, 0.1]] * 4)
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 6, 12, generator=g) * 1.5
+    p_rand = token_distribution(logits[0], temperature=1.0, top_k=8)       # some zeros: filtered tokens
+    q_rand = token_distribution(logits[1], temperature=0.8)
+    same = torch.softmax(torch.randn(2, 12, generator=g), dim=-1)
+    cases = [(p_hand, q_hand, torch.tensor([0, 1, 3, 4]), "p = [0.5, 0.2, 0.2, 0.1, 0], q = [0.2, 0.2, 0.25, "
+              "0.25, 0.1], drafts 0, 1, 3, 4 (p/q = 2.5, 1, 0.4, 0)"),
+             (p_rand, q_rand, torch.multinomial(q_rand, 1, generator=g)[:, 0],
+              "random p (top-k filtered) and q over 12 tokens, 6 drafts drawn from q"),
+             (same, same.clone(), torch.tensor([3, 7]), "p == q (the draft is exactly the target)")]
+    general = "accept = min(1, p[d] / q[d]); residual = max(p - q, 0) / its sum (p itself when that sum is 0)"
+    for p, q, draft, case in cases:
+        got = _call_safe(ex, speculative_rule, case, p.clone(), q.clone(), draft.clone())
+        accept, residual = _speculative_rule_reference(p, q, draft)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            _fail(ex, f"should return a pair (accept, residual), got {type(got).__name__}", "return accept, residual")
+        got_accept = _tensor_of(ex, got[0], f"accept for {case}", accept.shape, accept.dtype,
+                                "one acceptance probability per draft: shape (N,), float")
+        got_residual = _tensor_of(ex, got[1], f"residual for {case}", residual.shape, residual.dtype,
+                                  "one distribution per draft: shape (N, V), like p")
+        p_d, q_d = p.gather(-1, draft[:, None])[:, 0], q.gather(-1, draft[:, None])[:, 0]
+        if not torch.allclose(got_accept, accept, atol=1e-6, equal_nan=True):
+            mistakes = [((q_d / p_d).clamp(max=1.0), "the ratio is p(d) / q(d), target over draft: a draft the "
+                         "target likes more than the draft model does is always kept"),
+                        (p_d / q_d, "clamp at 1 (min(1, p/q)): it is a probability"),
+                        (q_d / p_d, "the ratio is p(d) / q(d), and it is clamped at 1"),
+                        (p_d, "divide by q(d): the draft was proposed with probability q(d), and p(d) / q(d) "
+                              "corrects for it")]
+            hint = next((h for wrong, h in mistakes if torch.allclose(got_accept, wrong, atol=1e-6)), general)
+            assert_tensor_close(ex, got_accept, accept, f"accept for {case}", atol=1e-6, hint=hint)
+        if not torch.allclose(got_residual, residual, atol=1e-6):
+            raw = p - q
+            mistakes = [(raw.clamp(min=0), "normalise the residual: divide max(p - q, 0) by its sum"),
+                        (raw, "clamp p - q at 0, then normalise"),
+                        ((q - p).clamp(min=0) / (q - p).clamp(min=0).sum(-1, keepdim=True).clamp(min=1e-30),
+                         "the residual is max(p - q, 0): the tokens the draft proposes *less* often than the target"),
+                        (p.expand_as(residual), "after a rejection draw from max(p - q, 0) normalised, not from p: the "
+                                                "accepted drafts already supply min(p, q) of each token")]
+            hint = next((h for wrong, h in mistakes if torch.allclose(got_residual, wrong, atol=1e-6)), general)
+            if got_residual.isnan().any() and (residual == p).all():
+                hint = ("when p == q, max(p - q, 0) is all zeros and 0 / 0 is NaN: the draft is always accepted, "
+                        "so the residual is never drawn; return p there (torch.where on the sum)")
+            assert_tensor_close(ex, got_residual, residual, f"residual for {case}", atol=1e-6, hint=hint)
+
+    # Theorem 1: whatever q is, the token that comes out is distributed exactly as p.
+    n, vocab = p_rand.shape
+    every = torch.arange(vocab).repeat(n)                       # every possible draft of every row
+    case = "every possible draft of the random case"
+    got = _call_safe(ex, speculative_rule, case, p_rand.repeat_interleave(vocab, 0),
+                     q_rand.repeat_interleave(vocab, 0), every)
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        _fail(ex, f"should return a pair (accept, residual), got {type(got).__name__}", "return accept, residual")
+    accept_all = _tensor_of(ex, got[0], f"accept for {case}", (n * vocab,), torch.float32).view(n, vocab)
+    residual = _tensor_of(ex, got[1], f"residual for {case}", (n * vocab, vocab), torch.float32)[::vocab]
+    emitted = _emitted_distribution(p_rand, q_rand, accept_all, residual)
+    if not torch.allclose(emitted, p_rand, atol=1e-5):
+        _fail(ex, "the emitted token does not follow p: draft from q, accept with your probability, else draw "
+              "from your residual", general)
+    _passed(ex, "accept min(1, p/q), else draw from max(p - q, 0) normalised: the emitted token follows p exactly")
