@@ -69,8 +69,9 @@ def _prompt_batch(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
     if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 2 or prompt.dtype != torch.long:
-            raise ValueError(f"prompt must be a (batch, length) int64 tensor, got {tuple(prompt.shape)} {prompt.dtype}")
+        if prompt.dim() != 2 or prompt.dtype != torch.long or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be a non-empty (batch, length) int64 tensor, got {tuple(prompt.shape)} "
+                             f"{prompt.dtype}")
         tokens, lengths = prompt, None
     else:
         rows = list(prompt)
@@ -240,10 +241,6 @@ def speculative_generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens:
     if not (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
         raise ValueError(f"prompt must be one 1-D tensor of token ids, got "
                          f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
-    limit = model.config.max_position_embeddings
-    if prompt.numel() + max_new_tokens + 1 > limit:
-        raise ValueError(f"prompt length ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) + 1 (the last step "
-                         f"verifies one drafted token) exceeds max_position_embeddings ({limit})")
     tokens, _ = _prompt_batch(model, prompt[None], max_new_tokens)
     generator = None if seed is None else torch.Generator(tokens.device).manual_seed(seed)
     dist = partial(token_distribution, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -266,9 +263,9 @@ def _speculative_decode(model: nn.Module, tokens: torch.Tensor, max_new_tokens: 
     def stopped(new: list[torch.Tensor]) -> bool:
         return stop_token is not None and any(int(t) == stop_token for t in new)
 
-    length = tokens.shape[1]
-    cache = model.new_cache(1, length + max_new_tokens + 1)
-    mtp_cache = new_mtp_cache(model, 1, length + max_new_tokens + 1)
+    length = tokens.shape[1]          # a step verifies positions pos, pos + 1 <= length + max_new_tokens - 1
+    cache = model.new_cache(1, length + max_new_tokens)
+    mtp_cache = new_mtp_cache(model, 1, length + max_new_tokens)
     hidden = model.hidden_states(tokens, 0, cache)
     last = draw(dist(model.head(hidden[:, -1])))                 # the first new token, at position `length`
     out, drafted, accepted, forwards = [last], 0, 0, 0

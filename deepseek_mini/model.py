@@ -341,7 +341,7 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     inspect shapes and count parameters of configurations too large to materialise.
     ``seed`` makes initialisation reproducible without touching the global RNG.
     Raises ``NotImplementedError`` (on every device) for a feature a later chapter builds,
-    e.g. the ``deepseek-v3`` preset's YaRN and MTP; ``count_parameters`` still counts it.
+    e.g. the ``deepseek-v3`` preset's YaRN; ``count_parameters`` still counts it.
     """
     config = load_config(config) if not isinstance(config, ModelConfig) else config
     device = torch.device(device)

@@ -108,7 +108,11 @@ def mtp_logits(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, sta
     ``routing`` collects the MTP blocks' MoE routing (their balance losses count like any layer's).
     """
     if not getattr(model, "mtp", None):
-        raise ValueError("the model has no MTP modules: build it with num_nextn_predict_layers >= 1")
+        raise ValueError("the model has no MTP modules: build it with num_nextn_predict_layers >= 1 "
+                         "(a pipeline stage holds them only if it holds the head: cut(..., head=True))")
+    if model.embed is None or model.head is None:
+        raise ValueError("MTP reads Emb(t_{i+k}) and the output head of the main model, and this stage lacks "
+                         "one: run mtp_logits where the embedding and the head both are")
     batch, length, _ = hidden.shape
     end = start_pos + length
     rope = (model.rope_cos[start_pos:end], model.rope_sin[start_pos:end])

@@ -462,19 +462,20 @@ def test_bad_prompt_raises(prompt, pattern):
         speculative_generate(untrained("toy-dense"), prompt, 3)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="bug: an empty prompt passes _prompt_batch and fails "
-                   "deep inside (IndexError on hidden[:, -1]); generate's (1, 0) tensor path too")
 def test_empty_prompt_raises_a_value_error():
-    with pytest.raises(ValueError, match="prompt"):
+    with pytest.raises(ValueError, match="non-empty"):
         speculative_generate(untrained("toy-dense"), torch.tensor([], dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(untrained("toy-dense"), torch.zeros(1, 0, dtype=torch.long), 3)
 
 
 def test_bad_lengths_and_temperature_raise():
     m = untrained("toy-dense")                                    # max_position_embeddings 64
-    assert len(speculative_generate(m, torch.zeros(60, dtype=torch.long), 3)) == 63    # 60 + 3 + 1 = 64 fits
-    with pytest.raises(ValueError, match=r"prompt length \(61\) \+ max_new_tokens \(3\) \+ 1 \(the last step "
-                                         r"verifies one drafted token\) exceeds max_position_embeddings \(64\)"):
-        speculative_generate(m, torch.zeros(61, dtype=torch.long), 3)
+    # the last step verifies positions up to prompt + max_new_tokens - 1: the same budget as generate's
+    assert len(speculative_generate(m, torch.zeros(61, dtype=torch.long), 3)) == 64    # 61 + 3 = 64 fits
+    with pytest.raises(ValueError, match=r"prompt length \(62\) \+ max_new_tokens \(3\) exceeds "
+                                         r"max_position_embeddings \(64\)"):
+        speculative_generate(m, torch.zeros(62, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"max_new_tokens \(-1\) must be >= 0"):
         speculative_generate(m, torch.tensor([1, 2]), -1)
     with pytest.raises(ValueError, match=r"temperature \(-0.5\) must be >= 0"):
