@@ -284,15 +284,16 @@ def pass_costs(model: torch.nn.Module, context: int, args, device: torch.device)
     return {name: median_ms(fn, device, args.cost_time) for name, fn in calls.items()}
 
 
-def print_table(rows: list[dict]) -> None:
+def table_header() -> str:
     header = (f"{'domain':<11}| {'acceptance':>10} | {'accepted':>11} | {'tok/pass':>8} | {'plain tok/s':>11} | "
               f"{'spec tok/s':>10} | {'ratio':>6} | {'identical':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['domain']:<11}| {r['acceptance']:>10.1%} | {r['accepted']:>5}/{r['drafted']:<5} | "
-              f"{r['tokens_per_pass']:>8.2f} | {r['plain_tok_s']:>11.1f} | {r['spec_tok_s']:>10.1f} | "
-              f"{r['ratio']:>5.2f}x | {r['identical']:>4}/{r['prompts']:<4}")
+    return header + "\n" + "-" * len(header)
+
+
+def table_row(r: dict) -> str:
+    return (f"{r['domain']:<11}| {r['acceptance']:>10.1%} | {r['accepted']:>5}/{r['drafted']:<5} | "
+            f"{r['tokens_per_pass']:>8.2f} | {r['plain_tok_s']:>11.1f} | {r['spec_tok_s']:>10.1f} | "
+            f"{r['ratio']:>5.2f}x | {r['identical']:>4}/{r['prompts']:<4}")
 
 
 def main(argv=None) -> dict:
@@ -322,11 +323,13 @@ def main(argv=None) -> dict:
     print(f"greedy, {args.prompts} fresh prompts of {args.prompt_len} tokens per domain, {args.new_tokens} new tokens "
           f"each; time = median of {args.repeats} wall-clock repeats{' (CUDA-synchronized)' if device.type == 'cuda' else ''}"
           f", after one untimed warm-up, summed over the prompts\n")
+    print(table_header())
     rows = []
-    for domain in args.domains:
+    for domain in args.domains:                                # each row printed as soon as it is measured
         row = dict(domain=domain, **measure_domain(model, make_prompts(domain, args.prompts, args.prompt_len,
                                                                         args.seed), args, device))
         rows.append(row)
+        print(table_row(row), flush=True)
     total = {key: sum(r[key] for r in rows) for key in ("prompts", "drafted", "accepted", "forwards", "identical")}
     plain_s = sum(r["prompts"] * r["new_tokens"] / r["plain_tok_s"] for r in rows)
     spec_s = sum(r["prompts"] * r["new_tokens"] / r["spec_tok_s"] for r in rows)
@@ -335,7 +338,7 @@ def main(argv=None) -> dict:
                    tokens_per_pass=sum(r["prompts"] * (r["new_tokens"] - 1) for r in rows) / total["forwards"],
                    plain_tok_s=tokens / plain_s, spec_tok_s=tokens / spec_s, ratio=plain_s / spec_s,
                    mismatches=[m for r in rows for m in r["mismatches"]])
-    print_table(rows + [overall])
+    print(table_row(overall))
     for r in rows:
         for m in r["mismatches"]:
             print(f"  {r['domain']}, prompt {m['prompt']}: outputs part at new token {m['new_token']}, where the "
