@@ -190,3 +190,61 @@ def test_mla_decode_rejects_bad_settings(capsys):
     with pytest.raises(SystemExit):
         mla.parse_args(["--device", "cpu", "--min-run-time", "0"])
     assert "--min-run-time > 0" in capsys.readouterr().err
+
+
+TINY_MTP = ["--config", "toy", "--device", "cpu", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+            "--n-docs", "40", "--prompts", "1", "--prompt-len", "6", "--new-tokens", "6", "--repeats", "1",
+            "--threads", "1"]
+
+
+def test_mtp_speculative_runs_and_prints_its_table(capsys, tmp_path, keep_torch_threads):
+    mtp = load_script("mtp_speculative")
+    out_json = tmp_path / "mtp.json"
+    result = mtp.main(TINY_MTP + ["--cost-time", "0.01", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    rows = result["rows"]
+    assert [r["domain"] for r in rows] == ["arithmetic", "grammar", "code", "sort"]
+    for r in rows:
+        assert r["identical"] == r["prompts"] == 1 and r["mismatches"] == []      # outputs compared, all equal
+        assert r["drafted"] == r["forwards"] >= 1 and 0 <= r["accepted"] <= r["drafted"]   # one draft per pass
+        assert r["acceptance"] == r["accepted"] / r["drafted"]
+        assert r["tokens_per_pass"] == pytest.approx(5 / r["forwards"])       # 6 new tokens, the first from the prefill
+        assert r["ratio"] == pytest.approx(r["spec_tok_s"] / r["plain_tok_s"])
+    overall = result["overall"]
+    assert overall["drafted"] == sum(r["drafted"] for r in rows) and overall["identical"] == 4
+    assert result["training"]["steps"] == 2 and result["training"]["tokens"] == 2 * 2 * 16
+    assert set(result["pass_costs_ms"]) >= {"one", "two", "draft", "predicted_ratio"}
+    for column in ("acceptance", "tok/pass", "plain tok/s", "spec tok/s", "ratio", "identical"):
+        assert column in printed
+    assert printed.count("|    1/1") == 4 and "|    4/4" in printed and "cost model at" in printed
+    assert json.loads(out_json.read_text())["rows"] == rows
+
+
+def test_mtp_speculative_catches_an_output_that_differs(monkeypatch, keep_torch_threads, capsys):
+    import torch
+
+    mtp = load_script("mtp_speculative")
+    real = mtp.gen.speculative_generate
+
+    def wrong_last_token(*args, **kwargs):
+        out, stats = real(*args, **kwargs)
+        return torch.cat([out[:-1], (out[-1:] + 1) % 256]), stats       # the last new token changed
+
+    monkeypatch.setattr(mtp.gen, "speculative_generate", wrong_last_token)
+    args = TINY_MTP + ["--cost-time", "0", "--domains", "sort"]
+    with pytest.raises(AssertionError, match="differs from plain greedy output .* new token 5"):
+        mtp.main(args)                                     # float32: any difference is a bug
+    result = mtp.main(args + ["--dtype", "bfloat16"])      # bfloat16: counted and reported, not fatal
+    assert result["rows"][0]["identical"] == 0 and result["rows"][0]["mismatches"][0]["new_token"] == 5
+    assert "outputs part at new token 5" in capsys.readouterr().out
+
+
+def test_mtp_speculative_loads_the_checkpoint_it_saved(tmp_path, keep_torch_threads):
+    mtp = load_script("mtp_speculative")
+    args = TINY_MTP + ["--cost-time", "0", "--domains", "code"]
+    trained = mtp.main(args + ["--out-dir", str(tmp_path / "run")])
+    loaded = mtp.main(args + ["--checkpoint", str(tmp_path / "run")])
+    assert loaded["training"]["source"].startswith("checkpoint") and loaded["training"]["steps"] == 2
+    assert loaded["rows"][0]["accepted"] == trained["rows"][0]["accepted"]     # the same model, greedy
+    with pytest.raises(SystemExit):
+        mtp.parse_args(["--checkpoint", "a", "--out-dir", "b"])
