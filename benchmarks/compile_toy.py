@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +45,11 @@ from torch import nn
 from deepseek_mini.config import load_config
 from deepseek_mini.data import make_datasets
 from deepseek_mini.train import TrainConfig, TrainHook, default_hooks, train
+
+BENCHMARKS = str(Path(__file__).resolve().parent)
+if BENCHMARKS not in sys.path:                 # benchmarks/ is no package: make its sibling scripts importable
+    sys.path.insert(0, BENCHMARKS)
+from mla_decode import device_name  # noqa: E402  (one description of the machine for every benchmark)
 
 
 class StepClock(TrainHook):
@@ -88,18 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, CPU, {torch.get_num_threads()} threads"
-
-
 def time_run(config: str, compiled: bool, data, args) -> dict:
     """One ``train`` call; returns its warm-up seconds and steady steps/s."""
     cfg = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -126,7 +119,7 @@ def main(argv=None) -> list[dict]:
         from torch._inductor import config as inductor_config
 
         inductor_config.force_disable_caches = True
-    print(f"device: {device_name(args.device)}; torch {torch.__version__}; float32 weights")
+    print(f"device: {device_name(torch.device(args.device))}; torch {torch.__version__}; float32 weights")
     print(f"train(): batch {args.batch_size} x {args.seq_len} tokens; {args.warmup} warm-up steps, then "
           f"{args.steps} timed steps; compiled = torch.compile(model) with its defaults; inductor caches "
           f"{'off (--cold)' if args.cold else 'on'}")
@@ -146,7 +139,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "device": device_name(args.device), "torch": torch.__version__,
+            json.dump({"settings": settings, "device": device_name(torch.device(args.device)), "torch": torch.__version__,
                        "rows": rows}, f, indent=1)
     return rows
 
