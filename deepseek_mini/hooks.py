@@ -2,8 +2,9 @@
 
 ``deepseek_mini.train`` runs the same plain step for every model; what a feature adds to a
 step it adds through a ``TrainHook``, never through an ``if is_moe`` branch in the loop. One
-step, with the seams marked::
+step, with the seams marked (``prepare_model`` runs once, before them)::
 
+    hook.prepare_model(model)                     # once: after build_model, before the optimizer (FP8, ch. 05)
     x, y = sampler.next_batch()                   # y (B, T + D): D more targets for MTP's D depths
     output = model(x, return_aux=True)            # (logits (B, T, V), aux): aux["routing"] per MoE layer
     loss = cross_entropy(output[0], y[:, :T])
@@ -26,6 +27,11 @@ an optional balance loss (the complementary sequence-wise loss, eqs. 17-20, or t
 conventional batch-wise auxiliary loss). It does nothing on a model without MoE layers, so
 ``default_hooks`` can always include it.
 
+``FP8Training`` is DeepSeek-V3's FP8 mixed precision (§3.3, chapter 05): its ``prepare_model``
+swaps the model's eligible linears for ``deepseek_mini.fp8.FP8Linear`` before the optimizer is
+built, so the optimizer holds the same (FP32 master) parameters; a resume converts the fresh
+model the same way and then loads the checkpoint (the parameter names do not change).
+
 ``MultiTokenPrediction`` is DeepSeek-V3's MTP objective (§2.2, eqs. 21-25): the D MTP modules
 run from the main model's final hidden state and their mean cross-entropy, weighted by
 lambda (0.3, then 0.1: §4.2), is added to the loss. It does nothing on a model without MTP
@@ -46,7 +52,7 @@ from deepseek_mini.config import ModelConfig
 from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_bias
 from deepseek_mini.mtp import mtp_lambda, mtp_logits, mtp_losses
 
-__all__ = ["TrainHook", "MoEBalancing", "MultiTokenPrediction", "BALANCE_LOSSES"]
+__all__ = ["TrainHook", "MoEBalancing", "MultiTokenPrediction", "FP8Training", "BALANCE_LOSSES"]
 
 BALANCE_LOSSES = ("sequence", "batch", "none")
 
@@ -61,6 +67,11 @@ class TrainHook:
 
     name: str = "hook"                     # unique within a run: keys the hook's state in checkpoints
     progress_keys: tuple[str, ...] = ()    # metrics shown on the progress bar
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the freshly built model in place (swap modules, cast parameters), once per run,
+        before the optimizer is built and before a resume loads the checkpoint into the model.
+        Keep the parameter names: checkpoints are keyed by them."""
 
     def extra_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output: Any,
                    step: int) -> dict[str, torch.Tensor]:
@@ -230,3 +241,36 @@ class MultiTokenPrediction(TrainHook):
 
     def applies_to(self, model_config: ModelConfig) -> bool:
         return model_config.num_nextn_predict_layers > 0
+
+
+class FP8Training(TrainHook):
+    """DeepSeek-V3's fine-grained FP8 training (§3.3), as a training hook.
+
+    * ``prepare_model``: ``deepseek_mini.fp8.convert_to_fp8`` replaces every plain ``nn.Linear``
+      whose name contains none of ``skip`` (default: embedding, output head, MoE gate, which
+      §3.3.1 keeps in high precision) by an ``FP8Linear``: Fprop, Dgrad and Wgrad run in E4M3
+      with 1x128 / 128x128 scales, the parameters (master weights) and gradients stay FP32.
+      The names converted are in ``converted``. It runs before the optimizer is built, so the
+      optimizer steps the very parameters the FP8 layers use.
+    * ``metrics``: none. The scales are computed online from each tile's amax (no delayed
+      scaling, no amax history), so the hook keeps no state.
+
+    On a CPU the GEMMs are emulated (the reference, about 2x the step time of FP32 on the toy);
+    on CUDA the Triton kernels run. The toy's routed experts are stacked tensors, not linears,
+    and stay FP32.
+    """
+
+    name = "fp8"
+
+    def __init__(self, skip: tuple[str, ...] | None = None, block: int = 128, amax_floor: float | None = None) -> None:
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            raise ValueError(f"block ({block!r}) must be a positive integer")
+        self.skip, self.block, self.amax_floor = skip, block, amax_floor
+        self.converted: list[str] = []
+
+    def prepare_model(self, model: nn.Module) -> None:
+        from deepseek_mini.fp8.linear import KEEP_HIGH_PRECISION, convert_to_fp8   # imported when used
+
+        kwargs = {"block": self.block} if self.amax_floor is None else {"block": self.block,
+                                                                       "amax_floor": self.amax_floor}
+        self.converted = convert_to_fp8(model, KEEP_HIGH_PRECISION if self.skip is None else self.skip, **kwargs)

@@ -11,13 +11,14 @@ The loop is the same for every model. A feature adds to a step through a ``Train
 (``deepseek_mini.hooks``): extra losses, work after the backward pass or after the optimizer
 step, metrics. DeepSeekMoE's load balancing is the first (``MoEBalancing``), Multi-Token
 Prediction the second (``MultiTokenPrediction``, chapter 04: the windows then carry D more
-targets, ``y`` is (B, T + D) and the main loss reads ``y[:, :T]``); FP8 (05) and parallelism
-(06) plug in the same way, without ``if is_moe`` branches here. ``TrainConfig.compile`` runs
+targets, ``y`` is (B, T + D) and the main loss reads ``y[:, :T]``), FP8 the third
+(``FP8Training``, chapter 05: ``prepare_model`` swaps the linears before the optimizer is
+built); parallelism (06) plugs in the same way, without ``if is_moe`` branches here. ``TrainConfig.compile`` runs
 the training forward and backward through ``torch.compile``.
 
 Honest simplifications for a CPU course: one process (chapter 06 adds pipeline and expert
-parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), no FP8
-(chapter 05). On CUDA the forward runs under bf16 autocast with float32 master weights.
+parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), FP8 only when
+asked for (``hooks=[*default_hooks(cfg), FP8Training()]``, emulated on a CPU). On CUDA the forward runs under bf16 autocast with float32 master weights.
 
 A run never loses or mixes work. This module keeps each step whole:
 
@@ -54,15 +55,15 @@ from tqdm.auto import tqdm
 
 from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
-from deepseek_mini.hooks import BALANCE_LOSSES, MoEBalancing, MultiTokenPrediction, TrainHook
+from deepseek_mini.hooks import BALANCE_LOSSES, FP8Training, MoEBalancing, MultiTokenPrediction, TrainHook
 from deepseek_mini.model import build_model, check_tokens
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, atomic_write,
                                 config_differences, find_checkpoint, load_checkpoint, prepare_folder,
                                 restore_checkpoint, same_setting, sampler_state, save_checkpoint)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "MultiTokenPrediction",
-           "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule", "select_device",
-           "save_checkpoint", "load_checkpoint", "find_checkpoint", "plot_losses", "main"]
+           "FP8Training", "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule",
+           "select_device", "save_checkpoint", "load_checkpoint", "find_checkpoint", "plot_losses", "main"]
 
 DEFAULT_OUT = "runs/toy"   # the command line's --out when none is given (the API writes no files by default)
 
@@ -478,6 +479,8 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
         except ValueError as exc:
             raise ValueError(f"the {name} data does not fit the model: {exc}") from None
     model = build_model(model_config, device=device, seed=cfg.seed)
+    for hook in hooks:   # e.g. FP8: swap the linears before the optimizer takes the parameters
+        hook.prepare_model(model)
     optimizer = _make_optimizer(model, cfg)
     # MTP's depth k needs targets up to k tokens past the window: y is (B, T + D), the main loss reads y[:, :T]
     batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed,

@@ -1,0 +1,80 @@
+"""FP8 training through the loop's seam (issue #12): ``FP8Training.prepare_model`` converts the model
+before the optimizer is built; the run trains, checkpoints and resumes bit-identically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_mini import load_config
+from deepseek_mini.data import make_datasets
+from deepseek_mini.fp8 import FP8Linear
+from deepseek_mini.train import FP8Training, TrainConfig, TrainHook, default_hooks, load_checkpoint, train
+
+TINY_MOE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_datasets("synthetic", n_docs=200, seed=0)
+
+
+def run(**overrides) -> TrainConfig:
+    base = dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=2,
+                seed=0, device="cpu", progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+class OptimizerSpy(TrainHook):
+    """Records, after the first step, whether every FP8Linear weight changed (the optimizer stepped it)."""
+
+    name = "spy"
+
+    def prepare_model(self, model):
+        self.before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+    def after_optimizer_step(self, model, step):
+        if step == 1:
+            modules = dict(model.named_modules())
+            self.stepped = all(not torch.equal(modules[n].weight, w) for n, w in self.before.items())
+
+
+def test_fp8_hook_converts_before_the_optimizer_and_the_run_trains(data):
+    config = load_config("toy", **TINY_MOE)
+    cfg = run(steps=6)
+    fp8, spy = FP8Training(), OptimizerSpy()
+    result = train(config, cfg, data=data, hooks=[*default_hooks(cfg), fp8, spy])
+    fp8_names = sorted(n for n, m in result.model.named_modules() if isinstance(m, FP8Linear))
+    assert fp8_names == sorted(fp8.converted) and len(fp8_names) > 0
+    assert not any(k in n for n in fp8_names for k in ("embed", "head", "gate"))   # §3.3.1: kept high precision
+    assert spy.before.keys() == set(fp8_names) and spy.stepped                       # the optimizer owns their weights
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())          # master weights FP32
+    losses = result.history["train_loss"]
+    assert all(torch.isfinite(torch.tensor(losses))) and len(losses) == 6
+    plain = train(config, cfg, data=data)
+    assert not any(isinstance(m, FP8Linear) for m in plain.model.modules())
+    assert abs(losses[0] - plain.history["train_loss"][0]) < 0.05 * plain.history["train_loss"][0]
+    assert losses != plain.history["train_loss"]                                     # FP8 rounding changed the run
+
+
+def test_an_fp8_run_resumes_bit_identically_and_needs_the_hook(data, tmp_path):
+    config = load_config("toy", **TINY_MOE)
+    cfg = run(steps=4, checkpoint_every=2, out_dir=str(tmp_path / "a"))
+    straight = train(config, cfg, data=data, hooks=[*default_hooks(cfg), FP8Training()])
+    midway = tmp_path / "a" / "checkpoint-000002.pt"
+    assert load_checkpoint(midway)["hooks"]["fp8"] == {}
+    resumed = train(None, run(steps=4, out_dir=str(tmp_path / "b")), data=data, resume=midway,
+                    hooks=[*default_hooks(cfg), FP8Training()])
+    assert any(isinstance(m, FP8Linear) for m in resumed.model.modules())
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history["train_loss"] == straight.history["train_loss"]
+    with pytest.raises(ValueError, match=r"trained with hooks \['fp8', 'moe_balancing', 'mtp'\]"):
+        train(None, run(steps=4, out_dir=str(tmp_path / "c")), data=data, resume=midway)
+
+
+def test_fp8_hook_rejects_a_bad_block():
+    with pytest.raises(ValueError, match="block"):
+        FP8Training(block=0)
