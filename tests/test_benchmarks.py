@@ -248,3 +248,14 @@ def test_mtp_speculative_loads_the_checkpoint_it_saved(tmp_path, keep_torch_thre
     assert loaded["rows"][0]["accepted"] == trained["rows"][0]["accepted"]     # the same model, greedy
     with pytest.raises(SystemExit):
         mtp.parse_args(["--checkpoint", "a", "--out-dir", "b"])
+
+
+def test_fp8_training_gap_runs_and_prints_its_table(capsys, tmp_path, keep_torch_threads):
+    gap = load_script("fp8_training_gap")
+    rows = gap.main(["--steps", "2", "--seeds", "0", "1", "--batch-size", "2", "--seq-len", "16",
+                     "--warmup-steps", "1", "--eval-batches", "1", "--threads", "1", "--json", str(tmp_path / "g.json")])
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all(abs(r["gap"] - (r["val_fp8"] - r["val_base"]) / r["val_base"]) < 1e-12 for r in rows)
+    out = capsys.readouterr().out
+    assert "baseline fp32" in out and "loss spread over seeds" in out
+    assert json.loads((tmp_path / "g.json").read_text())["rows"] == rows
