@@ -26,7 +26,7 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention",
            "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
            "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
-           "check_speculative_rule"]
+           "check_speculative_rule", "check_quantize_tiles", "check_blockwise_gemm", "check_promoted_gemm"]
 
 
 class CheckFailure(AssertionError):
@@ -879,3 +879,224 @@ def check_speculative_rule(speculative_rule: Callable) -> None:
         _fail(ex, "the emitted token does not follow p: draft from q, accept with your probability, else draw "
               "from your residual", general)
     _passed(ex, "accept min(1, p/q), else draw from max(p - q, 0) normalised: the emitted token follows p exactly")
+
+
+# ----------------------------------------------------------------------- chapter 05
+
+
+def _pair_of(exercise: str, got, names: str, hint: str) -> tuple:
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        _fail(exercise, f"should return a pair ({names}), got {type(got).__name__}"
+              + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""), hint)
+    return tuple(got)
+
+
+def _tiles_variant(x: torch.Tensor, group: str = "tile", divisor: float = 448.0, multiply: bool = False):
+    """(q, scale) with one scale per 1x128 tile ('tile'), per 128x1 tile ('column'), per row or per tensor."""
+    x = x.float()
+    m, k = x.shape
+    if group == "tile":
+        amax = x.abs().unflatten(-1, (-1, 128)).amax(-1)                  # (M, K/128)
+        full = amax.repeat_interleave(128, -1)
+    elif group == "column":
+        amax = x.abs().unflatten(0, (-1, 128)).amax(1)                    # (M/128, K)
+        full = amax.repeat_interleave(128, 0)
+    elif group == "row":
+        amax = x.abs().amax(-1, keepdim=True)                             # (M, 1)
+        full = amax.expand(m, k)
+    else:
+        amax = x.abs().amax()                                             # ()
+        full = amax.expand(m, k)
+    scale = amax.clamp(min=1e-12) / divisor
+    full_scale = full.clamp(min=1e-12) / divisor
+    q = (x * full_scale if multiply else x / full_scale).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def check_quantize_tiles(quantize_tiles: Callable) -> None:
+    """Exercise 05.1: 1x128 tiles along K, scale = max|tile| / 448, q = x / scale in E4M3."""
+    from deepseek_mini.fp8.quant import quantize_activation
+
+    ex = "quantize_tiles"
+    g = torch.Generator().manual_seed(51)
+    hand = torch.zeros(2, 256)
+    hand[0, :128] = torch.linspace(-1, 1, 128)          # tile (0, 0): max 1, scale 1/448
+    hand[0, 128:] = torch.linspace(-896, 448, 128)      # tile (0, 1): max 896, scale 2
+    hand[1, :128] = 0.5                                 # tile (1, 0): all 0.5, scale 0.5/448, codes 448
+    rand = torch.randn(128, 384, generator=g) * torch.logspace(-3, 3, 384 // 8).repeat_interleave(8)
+    rand[5] *= 1000.0                                   # an outlier row
+    rand[:, 200] *= 1000.0                              # an outlier channel (one tile of every row)
+    cases = [(hand, "the hand case (2, 256): tile maxima 1, 896, 0.5 and an all-zero tile"),
+             (rand, "random x (128, 384) with magnitudes 1e-3..1e3 along K, an outlier row and channel")]
+    general = ("split the last dimension into tiles of 128, scale = max|tile| / 448 (floored at 1e-12), "
+               "q = (x / scale).to(torch.float8_e4m3fn)")
+    for x, case in cases:
+        got = _call_safe(ex, quantize_tiles, case, x.clone())
+        q_ref, s_ref = quantize_activation(x)
+        q, s = _pair_of(ex, got, "q, scale", "return q, scale")
+        mistakes = [(dict(group="tensor"), "one scale for the whole tensor (per-tensor scaling): one outlier then "
+                     "squeezes every other value into E4M3's subnormals; take the max per 1x128 tile"),
+                    (dict(group="row"), "one scale per row: an outlier channel still sets the scale of the whole "
+                     "token; take the max over each 1x128 tile of the row"),
+                    (dict(group="column"), "your tiles run along the wrong dimension (128 rows x 1 column): "
+                     "activation tiles are 1x128 along the last dimension K, the GEMM's inner dimension"),
+                    (dict(divisor=127.0), "divide the max by 448, the largest E4M3 value (torch.finfo("
+                     "torch.float8_e4m3fn).max), not 127 (that is INT8)"),
+                    (dict(divisor=240.0), "divide the max by 448: 240 is the largest value of the *fnuz* E4M3 "
+                     "variant (AMD), but the tensor is float8_e4m3fn"),
+                    (dict(multiply=True), "q = x / scale, not x * scale: scale = max/448 maps the tile's max to 448")]
+        if isinstance(s, torch.Tensor) and isinstance(q, torch.Tensor):
+            for kw, hint in mistakes:
+                if kw.get("group") == "column" and x.shape[0] % 128:
+                    continue
+                q_v, s_v = _tiles_variant(x, **kw)
+                if (tuple(s.shape) == tuple(s_v.shape) and tuple(q.shape) == tuple(q_v.shape)
+                        and q.dtype == q_v.dtype and s.dtype.is_floating_point
+                        and torch.allclose(s.detach().float(), s_v, rtol=1e-5, atol=0)
+                        and torch.equal(q.detach().float(), q_v.float())
+                        and not (torch.equal(q_v.float(), q_ref.float()) and torch.allclose(s_v, s_ref))):
+                    _fail(ex, f"{case}: the codes and scales are those of another rule", hint)
+                if (kw.get("group") in ("tensor", "row", "column") and tuple(s.shape) == tuple(s_v.shape)
+                        and s.dtype.is_floating_point and s_v.shape != s_ref.shape):
+                    _fail(ex, f"scale for {case} has shape {tuple(s.shape)}, expected {tuple(s_ref.shape)}", hint)
+        q = _tensor_of(ex, q, f"q for {case}", q_ref.shape, torch.float8_e4m3fn,
+                       "cast the scaled values with .to(torch.float8_e4m3fn)")
+        s = _tensor_of(ex, s, f"scale for {case}", s_ref.shape, torch.float32,
+                       "one float32 scale per 1x128 tile: shape (M, K // 128)")
+        if s.isnan().any() or q.float().isnan().any():
+            _fail(ex, f"{case}: NaN in the output", "an all-zero tile has max 0: floor the max at 1e-12 "
+                  "(amax.clamp(min=1e-12)) before dividing, so 0 / scale stays 0")
+        assert_tensor_close(ex, s, s_ref, f"scale for {case}", rtol=1e-6, atol=0, hint=general)
+        assert_tensor_close(ex, q.float(), q_ref.float(), f"q (as float) for {case}", rtol=0, atol=0, hint=general)
+    _passed(ex, "1x128 tiles along K, scale = max|tile| / 448, q = x / scale in float8_e4m3fn")
+
+
+def _gemm_variant(a_q, a_scale, w_q, w_scale, use_a=True, use_w=True, w_rows="blocks", w_scale_t=False,
+                  w_t=False, dtype=torch.float32):
+    """Dequantise both operands with the given mistakes, then one matmul in ``dtype``."""
+    a = a_q.float() * (a_scale.float().repeat_interleave(128, -1) if use_a else 1.0)
+    ws = w_scale.float().T if w_scale_t else w_scale.float()
+    if w_rows == "blocks":
+        rows = ws.repeat_interleave(128, 0)
+    else:                                               # "tiled": row n gets block n % nb's scale
+        rows = ws.repeat(128, 1)
+    w = w_q.float()
+    if use_w:
+        if rows.shape[0] != w.shape[0]:
+            return None
+        w = w * rows.repeat_interleave(128, 1)
+    w = w if w_t else w.T
+    if a.shape[-1] != w.shape[0]:
+        return None
+    return (a.to(dtype) @ w.to(dtype)).float()
+
+
+def check_blockwise_gemm(blockwise_gemm: Callable) -> None:
+    """Exercise 05.2: y = x W^T from 1x128 activation tiles and 128x128 weight blocks, in float32."""
+    from deepseek_mini.fp8.quant import fp8_gemm, quantize_activation, quantize_weight
+
+    ex = "blockwise_gemm"
+    g = torch.Generator().manual_seed(52)
+
+    def operands(m, k, n):
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k // 128).repeat_interleave(128)
+        w = torch.randn(n, k, generator=g) * torch.logspace(1, -1, (n // 128) * (k // 128)).view(n // 128, k // 128) \
+            .repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return (*quantize_activation(x), *quantize_weight(w))
+
+    cases = [(operands(4, 256, 256), "x (4, 256), W (256, 256): scales (4, 2) and (2, 2)"),
+             (operands(3, 384, 256), "x (3, 384), W (256, 384): scales (3, 3) and (2, 3)")]
+    general = ("for each K step i of 128: y += (a_q[:, i] @ w_q[:, i].T in float32) * a_scale[:, i, None] * "
+               "(w_scale[n // 128, i] for each output row n); or dequantise both operands and do one float32 matmul")
+    for (a_q, a_s, w_q, w_s), case in cases:
+        got = _call_safe(ex, blockwise_gemm, case, a_q.clone(), a_s.clone(), w_q.clone(), w_s.clone())
+        expected = fp8_gemm(a_q, a_s, w_q, w_s)
+        if isinstance(got, torch.Tensor) and got.dtype in (torch.bfloat16, torch.float16):
+            _fail(ex, f"returned {got.dtype} for {case}", "accumulate and return float32: the point of the "
+                  "blockwise GEMM is FP32 accumulation of the scaled partial sums")
+        got = _tensor_of(ex, got, f"y for {case}", expected.shape, torch.float32,
+                         "y = x W^T is (M, N): a_q (M, K) times w_q (N, K) transposed")
+        tol = dict(rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        if torch.allclose(got, expected, **tol):
+            continue
+        mistakes = [(dict(use_w=False), "apply the weight scales too: y needs a_scale *and* w_scale"),
+                    (dict(use_a=False), "apply the activation scales too: y needs a_scale *and* w_scale"),
+                    (dict(use_a=False, use_w=False), "the codes alone are not the values: multiply by both scales"),
+                    (dict(w_rows="tiled"), "output row n uses weight block n // 128 (repeat_interleave), "
+                     "not n % n_blocks (repeat)"),
+                    (dict(w_scale_t=True), "w_scale is (N/128, K/128): index it [n // 128, i], not transposed"),
+                    (dict(w_t=True), "y = x W^T: W is (N, K) = (out, in), so multiply by its transpose"),
+                    (dict(dtype=torch.bfloat16), "accumulate in float32, not bfloat16: bf16 keeps 8 significant "
+                     "bits and loses the precision FP8 training relies on (§3.3.2)")]
+        for kw, hint in mistakes:
+            variant = _gemm_variant(a_q, a_s, w_q, w_s, **kw)
+            if variant is None:
+                continue
+            close = (torch.allclose(got, variant, rtol=2e-2, atol=2e-2 * float(variant.abs().max()))
+                     if kw.get("dtype") == torch.bfloat16 else torch.allclose(got, variant, **tol))
+            if close:
+                _fail(ex, f"{case}: y is off", hint)
+        if torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max())):
+            general = mistakes[-1][1] + " (your y is within 2% of the answer, not within 1e-4)"
+        assert_tensor_close(ex, got, expected, f"y for {case}", **tol, hint=general)
+    _passed(ex, "y = x W^T with activation and weight scales applied per 128-wide K step, in float32")
+
+
+def check_promoted_gemm(promoted_gemm: Callable) -> None:
+    """Exercise 05.3: sum each N_C-wide K chunk in the limited accumulator, add the chunks in FP32."""
+    from functools import partial
+
+    from deepseek_mini.fp8.accum import limited_accumulate
+
+    ex = "promoted_gemm"
+    g = torch.Generator().manual_seed(53)
+    coarse = partial(limited_accumulate, group=1, bits=8)        # a small, very lossy accumulator: mistakes show
+
+    def reference(a, b, accumulate, n_c):
+        out = torch.zeros(a.shape[0], b.shape[0])
+        for start in range(0, a.shape[1], n_c):
+            out += accumulate(a[:, start:start + n_c], b[:, start:start + n_c]).float()
+        return out
+
+    cases = [(torch.randn(3, 256, generator=g), torch.randn(2, 256, generator=g), coarse, 64,
+              "a (3, 256), b (2, 256), an 8-bit accumulator, N_C = 64 (4 chunks)"),
+             (torch.randn(2, 300, generator=g).abs(), torch.randn(3, 300, generator=g).abs(), coarse, 128,
+              "positive a (2, 300), b (3, 300), an 8-bit accumulator, N_C = 128 (chunks of 128, 128, 44)")]
+    for a, b, acc, n_c, case in cases:
+        got = _call_safe(ex, promoted_gemm, case, a.clone(), b.clone(), acc, n_c)
+        expected = reference(a, b, acc, n_c)
+        got = _tensor_of(ex, got, f"C for {case}", expected.shape, torch.float32,
+                         "C = a @ b.T is (M, N) float32: add each chunk's accumulate(...) into an FP32 total")
+        if torch.equal(got, expected):
+            continue
+        k = a.shape[1]
+        mistakes = [(reference(a, b, acc, 1), "you promoted after every product: each chunk of N_C products must "
+                     "be summed by `accumulate` first (the tensor core's job); only its result goes to FP32"),
+                    ((a.double() @ b.double().T).float(), "you summed exactly (or in float32) without `accumulate`: "
+                     "the exercise models the tensor core, so each chunk's sum must come from accumulate(...)"),
+                    ((a @ b.T), "you summed in float32 without `accumulate`: each chunk's sum must come from "
+                     "accumulate(a[:, chunk], b[:, chunk])"),
+                    (acc(a, b).float(), "you never promoted: accumulate(a, b) over all of K is the limited "
+                     "accumulator's error without FP32 promotion; split K into chunks of n_c"),
+                    (reference(a[:, :k // n_c * n_c], b[:, :k // n_c * n_c], acc, n_c),
+                     "the last, shorter chunk is missing: when K is not a multiple of n_c, "
+                     "range(0, K, n_c) still visits it (K // n_c chunks drop the tail)"),
+                    (reference(a, b, acc, n_c + 1), "off by one: chunks of n_c products, slice [start:start + n_c]"),
+                    (reference(a, b, acc, n_c - 1), "off by one: chunks of n_c products, slice [start:start + n_c]")]
+        hint = next((h for wrong, h in mistakes if torch.allclose(got, wrong, rtol=1e-6, atol=1e-6)),
+                    "for start in range(0, K, n_c): total += accumulate(a[:, start:start+n_c], "
+                    "b[:, start:start+n_c]).float(), with total a float32 zeros (M, N)")
+        assert_tensor_close(ex, got, expected, f"C for {case}", rtol=1e-6, atol=1e-6, hint=hint)
+    # the paper's claim, with the calibrated accumulator: ~2% at K = 4096 without promotion, far less with N_C = 128
+    a, b = torch.randn(4, 4096, generator=g), torch.randn(4, 4096, generator=g)
+    exact = a.double() @ b.double().T
+    got = _call_safe(ex, promoted_gemm, "a (4, 4096), b (4, 4096), limited_accumulate, N_C = 128",
+                     a, b, limited_accumulate, 128)
+    got = _tensor_of(ex, got, "C for K = 4096", (4, 4), torch.float32)
+    err = float((got.double() - exact).norm() / exact.norm())
+    plain = float((limited_accumulate(a, b).double() - exact).norm() / exact.norm())
+    if not err < plain / 5:
+        _fail(ex, f"at K = 4096 the relative error is {err:.3%} with promotion vs {plain:.3%} without",
+              "promotion every N_C = 128 products should cut the error many times")
+    _passed(ex, f"chunks of N_C summed by the limited accumulator, added in FP32 "
+                f"(K = 4096: error {err:.3%} vs {plain:.3%} without promotion)")
