@@ -26,7 +26,7 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention",
            "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
            "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
-           "check_speculative_rule", "check_quantize_tiles", "check_blockwise_gemm", "check_promoted_gemm"]
+           "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm"]
 
 
 class CheckFailure(AssertionError):
@@ -992,7 +992,7 @@ def _gemm_variant(a_q, a_scale, w_q, w_scale, use_a=True, use_w=True, w_rows="bl
 
 
 def check_blockwise_gemm(blockwise_gemm: Callable) -> None:
-    """Exercise 05.2: y = x W^T from 1x128 activation tiles and 128x128 weight blocks, in float32."""
+    """Exercise 05.3: y = x W^T from 1x128 activation tiles and 128x128 weight blocks, in float32."""
     from deepseek_mini.fp8.quant import fp8_gemm, quantize_activation, quantize_weight
 
     ex = "blockwise_gemm"
@@ -1043,7 +1043,7 @@ def check_blockwise_gemm(blockwise_gemm: Callable) -> None:
 
 
 def check_promoted_gemm(promoted_gemm: Callable) -> None:
-    """Exercise 05.3: sum each N_C-wide K chunk in the limited accumulator, add the chunks in FP32."""
+    """Exercise 05.4: sum each N_C-wide K chunk in the limited accumulator, add the chunks in FP32."""
     from functools import partial
 
     from deepseek_mini.fp8.accum import limited_accumulate
@@ -1100,3 +1100,70 @@ def check_promoted_gemm(promoted_gemm: Callable) -> None:
               "promotion every N_C = 128 products should cut the error many times")
     _passed(ex, f"chunks of N_C summed by the limited accumulator, added in FP32 "
                 f"(K = 4096: error {err:.3%} vs {plain:.3%} without promotion)")
+
+
+def _blocks_variant(w: torch.Tensor, rows: int, cols: int, divisor: float = 448.0, transpose: bool = False):
+    """(q, scale) with one scale per rows x cols block of w (N, K); the scale transposed if asked."""
+    w = w.float()
+    n, k = w.shape
+    amax = w.abs().reshape(n // rows, rows, k // cols, cols).amax(dim=(1, 3))
+    scale = amax.clamp(min=1e-12) / divisor
+    full = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return (w / full).to(torch.float8_e4m3fn), (scale.T.contiguous() if transpose else scale)
+
+
+def check_quantize_blocks(quantize_blocks: Callable) -> None:
+    """Exercise 05.2: 128x128 weight blocks, scale = max|block| / 448 of shape (N/128, K/128)."""
+    from deepseek_mini.fp8.quant import quantize_weight
+
+    ex = "quantize_blocks"
+    g = torch.Generator().manual_seed(54)
+    hand = torch.zeros(256, 256)
+    hand[:128, :128] = torch.linspace(-3, 1, 128 * 128).view(128, 128)   # block (0, 0): max 3
+    hand[:128, 128:] = 0.25                                               # block (0, 1): max 0.25
+    hand[200, 7] = 4480.0                                             # block (1, 0): max 4480, scale 10
+    rand = torch.randn(384, 256, generator=g) * torch.logspace(-2, 2, 6).view(3, 1, 2, 1).expand(3, 128, 2, 128) \
+        .reshape(384, 256)
+    rand[10] *= 50.0
+    cases = [(hand, "the hand case W (256, 256): block maxima 3, 0.25, 4480 and an all-zero block"),
+             (rand, "random W (384, 256): six blocks of magnitudes 1e-2..1e2 and one outlier row")]
+    general = ("cut W (N, K) into 128 x 128 blocks, scale[b, j] = max|block| / 448 (floored at 1e-12), "
+               "q = (W / scale repeated over its block).to(torch.float8_e4m3fn)")
+    for w, case in cases:
+        got = _call_safe(ex, quantize_blocks, case, w.clone())
+        q_ref, s_ref = quantize_weight(w)
+        q, s = _pair_of(ex, got, "q, scale", "return q, scale")
+        n, k = w.shape
+        mistakes = [(dict(rows=1, cols=128), "those are 1x128 activation tiles: weights get one scale per "
+                     "128 x 128 block, scale shape (N // 128, K // 128)"),
+                    (dict(rows=n, cols=k), "one scale for the whole tensor: weights get one per 128 x 128 block"),
+                    (dict(rows=1, cols=k), "one scale per row: weights get one per 128 x 128 block"),
+                    (dict(rows=128, cols=128, transpose=True), "the scale is (N // 128, K // 128), "
+                     "blocks of output rows first (the released checkpoint's weight_scale_inv layout), not transposed"),
+                    (dict(rows=128, cols=128, divisor=127.0), "divide the max by 448, the largest E4M3 value, "
+                     "not 127 (INT8)"),
+                    (dict(rows=128, cols=128, divisor=240.0), "divide the max by 448: 240 is the fnuz variant's max")]
+        if isinstance(s, torch.Tensor) and isinstance(q, torch.Tensor):
+            variants = [(_blocks_variant(w, **kw)[1], hint) for kw, hint in mistakes]
+            for s_v, hint in variants:           # the values of another rule
+                if (tuple(s.shape) == tuple(s_v.shape) and s.dtype.is_floating_point
+                        and torch.allclose(s.detach().float(), s_v, rtol=1e-5, atol=0) and not torch.allclose(s_v, s_ref)
+                        if tuple(s_v.shape) == tuple(s_ref.shape) else False):
+                    _fail(ex, f"{case}: the scales are those of another rule", hint)
+            if tuple(s.shape) != tuple(s_ref.shape):
+                for s_v, hint in variants:       # the shape of another rule
+                    if tuple(s.shape) == tuple(s_v.shape) or s.numel() == s_v.numel() != s_ref.numel():
+                        _fail(ex, f"scale for {case} has shape {tuple(s.shape)}, expected {tuple(s_ref.shape)}", hint)
+        q = _tensor_of(ex, q, f"q for {case}", q_ref.shape, torch.float8_e4m3fn,
+                       "cast the scaled weights with .to(torch.float8_e4m3fn); q has W's shape")
+        s = _tensor_of(ex, s, f"scale for {case}", s_ref.shape, torch.float32,
+                       "one float32 scale per 128 x 128 block: shape (N // 128, K // 128)")
+        if s.isnan().any() or q.float().isnan().any():
+            _fail(ex, f"{case}: NaN in the output", "floor the max at 1e-12 before dividing")
+        assert_tensor_close(ex, s, s_ref, f"scale for {case}", rtol=1e-6, atol=0, hint=general)
+        hint = general
+        if torch.equal(q.float(), (w.float() * s_ref.repeat_interleave(128, 0).repeat_interleave(128, 1))
+                       .to(torch.float8_e4m3fn).float()):
+            hint = "q = W / scale, not W * scale"
+        assert_tensor_close(ex, q.float(), q_ref.float(), f"q (as float) for {case}", rtol=0, atol=0, hint=hint)
+    _passed(ex, "128 x 128 blocks, scale (N/128, K/128) = max|block| / 448, q = W / scale in float8_e4m3fn")

@@ -13,7 +13,7 @@ from deepseek_mini.checks import CheckFailure
 from deepseek_mini.fp8.accum import limited_accumulate
 from deepseek_mini.fp8.quant import fp8_gemm, fp8_gemm_fast, quantize_activation
 
-CHECKS = [checks.check_quantize_tiles, checks.check_blockwise_gemm, checks.check_promoted_gemm]
+CHECKS = [checks.check_quantize_tiles, checks.check_quantize_blocks, checks.check_blockwise_gemm, checks.check_promoted_gemm]
 E4M3 = torch.float8_e4m3fn
 
 
@@ -157,7 +157,7 @@ def test_quantize_tiles_mistakes_are_named(mistake, message):
     assert re.search(message, text), text
 
 
-# ----------------------------------------------------------------- 05.2 the blockwise GEMM
+# ----------------------------------------------------------------- 05.3 the blockwise GEMM
 
 
 def _gemm_wrong(mistake):
@@ -197,7 +197,7 @@ def test_blockwise_gemm_mistakes_are_named(mistake, message):
     assert re.search(message, text), text
 
 
-# ----------------------------------------------------------------- 05.3 promotion
+# ----------------------------------------------------------------- 05.4 promotion
 
 
 def _promoted_wrong(mistake):
@@ -246,3 +246,59 @@ def test_promotion_shrinks_the_error_as_the_paper_says():
     plain = (limited_accumulate(a, b).double() - exact).norm() / exact.norm()
     promoted = (_promoted(a, b, limited_accumulate, 128).double() - exact).norm() / exact.norm()
     assert 0.005 < plain < 0.06 and promoted < plain / 5
+
+
+# ----------------------------------------------------------------- 05.2 weight blocks
+
+
+def _blocks(w):
+    n, k = w.shape
+    blocks = w.float().view(n // 128, 128, k // 128, 128)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+    return (blocks / scale[:, None, :, None]).to(E4M3).view(n, k), scale
+
+
+def _blocks_wrong(mistake):
+    def fn(w):
+        w = w.float()
+        n, k = w.shape
+        if mistake == "tiles":
+            return _tiles(w)
+        if mistake == "tensor":
+            s = w.abs().amax() / 448
+            return (w / s).to(E4M3), s
+        if mistake == "row":
+            s = w.abs().amax(-1, keepdim=True) / 448
+            return (w / s).to(E4M3), s
+        q, s = _blocks(w)
+        if mistake == "transposed":
+            return q, s.T.contiguous()
+        if mistake == "127":
+            return (w / (s * 448 / 127).repeat_interleave(128, 0).repeat_interleave(128, 1)).to(E4M3), s * 448 / 127
+        if mistake == "multiply":
+            return (w * s.repeat_interleave(128, 0).repeat_interleave(128, 1)).to(E4M3), s
+        if mistake == "no_cast":
+            return q.float(), s
+        raise AssertionError(mistake)
+    return fn
+
+
+def test_quantize_blocks_passes_the_reference_and_a_hand_version(capsys):
+    from deepseek_mini.fp8.quant import quantize_weight
+    checks.check_quantize_blocks(quantize_weight)
+    checks.check_quantize_blocks(_blocks)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+@pytest.mark.parametrize("mistake,message", [
+    ("tiles", "those are 1x128 activation tiles"),
+    ("tensor", "one scale for the whole tensor"),
+    ("row", "one scale per row"),
+    ("transposed", "not transposed"),
+    ("127", "not 127 \\(INT8\\)"),
+    ("multiply", "W / scale, not W \\* scale"),
+    ("no_cast", "float8_e4m3fn"),
+])
+def test_quantize_blocks_mistakes_are_named(mistake, message):
+    text = _failure(checks.check_quantize_blocks, _blocks_wrong(mistake))
+    assert re.search(message, text), text
