@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from deepseek_mini.attention import KVCache, cache_mask, causal_mask
+from deepseek_mini.fp8.linear import dense_weight
 from deepseek_mini.layers import RMSNorm, init_linear
 from deepseek_mini.rope import apply_rope
 
@@ -172,8 +173,11 @@ class MLA(nn.Module):
         return self.kv_norm(c_kv), apply_rope(k_rope[:, :, None], *rope)[:, :, 0]
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W^{UK} and W^{UV} per head, (H, d_h, d_c) each, as views of wkv_b."""
-        w = rearrange(self.wkv_b.weight, "(h d) c -> h d c", h=self.n_heads)
+        """W^{UK} and W^{UV} per head, (H, d_h, d_c) each, as views of wkv_b.
+
+        ``dense_weight`` dequantises wkv_b when it stores FP8 codes (chapter 05); else it is the weight.
+        """
+        w = rearrange(dense_weight(self.wkv_b, self.kv_norm.weight.dtype), "(h d) c -> h d c", h=self.n_heads)
         return w[:, :self.dn], w[:, self.dn:]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], start_pos: int | torch.Tensor = 0,

@@ -36,7 +36,9 @@ Three details of the released checkpoint (arXiv 2412.19437; ``book/facts.md``):
 
 * **FP8 weights.** The linear weights are stored in E4M3 with one FP32 ``weight_scale_inv`` per
   128 x 128 block (§3.3.2); the value is the block times its scale.
-  :func:`dequantize_fp8_blockwise` restores it while loading, one tensor at a time.
+  :func:`deepseek_mini.fp8.quant.dequantize_weight` (chapter 05; also the MLA absorbed
+  path's dequantiser) restores it while loading, one tensor at a time. A model whose linears store
+  FP8 weights (``FP8Linear.store_fp8_``) is saved dequantised, in the model's dtype.
 * **The MTP module** (§2.2) is stored as one more layer, ``model.layers.61`` (module k of D at
   ``num_hidden_layers + k``). Its ``eh_proj`` (d, 2d) multiplies [enorm(embedding); hnorm(h)],
   embedding first (columns ``[:, :d]``), which is what ``MTPModule`` computes, so it loads as
@@ -72,9 +74,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.fp8.quant import dequantize_weight
 from deepseek_mini.model import Transformer, build_model
 
-__all__ = ["from_pretrained", "save_pretrained", "hf_config_dict", "dequantize_fp8_blockwise"]
+__all__ = ["from_pretrained", "save_pretrained", "hf_config_dict"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -132,23 +135,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # ----------------------------------------------------------------------------- FP8
-def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
-                             block_size: tuple[int, int] = FP8_BLOCK,
-                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FP8 weight (..., N, K) times its per-block scales (..., ceil(N/bn), ceil(K/bk)).
-
-    DeepSeek-V3 stores each 128 x 128 block of a linear weight in E4M3 with one FP32 scale
-    (§3.3.2); the value is ``block * weight_scale_inv`` (the official ``weight_dequant``). Edge
-    blocks may be ragged: a 300-row weight has three row blocks of 128, 128 and 44 rows.
-    """
-    bn, bk = block_size
-    n, k = weight.shape[-2:]
-    expected = (*weight.shape[:-2], math.ceil(n / bn), math.ceil(k / bk))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"FP8 weight of shape {tuple(weight.shape)} with {bn}x{bk} blocks needs scales of "
-                         f"shape {expected}, got {tuple(scale_inv.shape)}")
-    scale = scale_inv.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
-    return (weight.float() * scale).to(dtype)
+def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with FP8-stored linear weights dequantised and their scales dropped."""
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith(".weight_scale_inv")]:
+        prefix = key.removesuffix("weight_scale_inv")
+        block = getattr(model.get_submodule(prefix[:-1]), "block", 128)
+        state[prefix + "weight"] = dequantize_weight(state[prefix + "weight"], state.pop(key), block,
+                                                     model.embed.weight.dtype)
+    return state
 
 
 def _per_expert_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -463,7 +458,7 @@ class _Loader:
             return value
         scale = scales[expert] if expert is not None else scales[:]
         try:
-            return dequantize_fp8_blockwise(value, scale, self.block)
+            return dequantize_weight(value, scale, self.block)
         except ValueError as exc:
             raise ValueError(f"tensor {name} in {file}: {exc}") from None
 
@@ -595,7 +590,7 @@ def _hf_tensors(model: Transformer, layout: ExpertLayout) -> Iterator[tuple[str,
     Each MTP layer ends with the copies of the embedding and head that the released files store.
     """
     config = model.config
-    state = _per_expert_state(model.state_dict())
+    state = _per_expert_state(_dense_state(model))
     for key, tensor in state.items():
         if key == "head.weight" and config.tie_word_embeddings:
             continue

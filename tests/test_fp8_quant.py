@@ -13,11 +13,11 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before deepseek_mini.fp8.kernels is imported
 
+import deepseek_mini.pretrained as pretrained
 from deepseek_mini.fp8.accum import limited_accumulate
 from deepseek_mini.fp8.linear import FP8Linear, convert_to_fp8
 from deepseek_mini.fp8.quant import (dequantize_activation, dequantize_weight, fp8_gemm, fp8_gemm_fast,
                                      quantize_activation, quantize_weight)
-from deepseek_mini.pretrained import dequantize_fp8_blockwise
 
 
 def test_hand_tile_zero_tile_and_ragged_padding():
@@ -34,7 +34,7 @@ def test_hand_tile_zero_tile_and_ragged_padding():
 def test_weight_blocks_match_pretrained_dequant_and_gemm():
     w = torch.randn(300, 200)
     wq, ws = quantize_weight(w)
-    assert ws.shape == (3, 2) and torch.equal(dequantize_fp8_blockwise(wq, ws), dequantize_weight(wq, ws))
+    assert ws.shape == (3, 2) and pretrained.dequantize_weight is dequantize_weight   # one dequantiser
     x = torch.randn(7, 200)
     aq, as_ = quantize_activation(x)
     y = fp8_gemm(aq, as_, wq, ws)
@@ -89,3 +89,43 @@ def test_triton_kernels_equal_the_reference():
         r = fp8_gemm(aq, as_, wq, ws)
         c = kernels.fp8_gemm(aq.to(dev), as_.to(dev), wq.to(dev), ws.to(dev)).cpu()
         assert ((c - r).abs().max() / r.abs().max()) < 1e-5
+
+
+def test_stored_fp8_weights_one_dequantiser_for_mla_and_checkpoints(tmp_path):
+    """store_fp8_ keeps E4M3 codes + weight_scale_inv; MLA's absorbed path and save/from_pretrained dequantise
+    them with the same dequantize_weight; decoding with the latent cache equals the full forward."""
+    from deepseek_mini import build_model, from_pretrained, load_config, save_pretrained
+    from deepseek_mini.fp8.linear import dense_weight
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(200, 300, bias=False)).store_fp8_()
+    assert layer.weight.dtype == torch.float8_e4m3fn and not layer.weight.requires_grad
+    assert layer.weight_scale_inv.shape == (3, 2)
+    x = torch.randn(5, 200, requires_grad=True)
+    y = layer(x)
+    xq, xs = quantize_activation(x.detach())
+    assert torch.allclose(y, fp8_gemm(xq, xs, layer.weight, layer.weight_scale_inv), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is None
+    with pytest.raises(ValueError, match="store_fp8_"):
+        layer.to(torch.bfloat16)(x.detach().bfloat16())
+
+    config = load_config("toy")
+    model = build_model(config, seed=0).eval()
+    convert_to_fp8(model, store_fp8=True)
+    attn = model.layers["0"].attn
+    dense = dequantize_weight(attn.wkv_b.weight, attn.wkv_b.weight_scale_inv)
+    assert torch.equal(dense_weight(attn.wkv_b), dense)
+    w_uk, w_uv = attn.up_weights()
+    assert torch.equal(torch.cat([w_uk, w_uv], 1).flatten(0, 1), dense)
+    tokens = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(2, 24)
+        steps = torch.cat([model(tokens[:, :16], cache=cache, start_pos=0)] +
+                          [model(tokens[:, t:t + 1], cache=cache, start_pos=t) for t in range(16, 24)], dim=1)
+    assert torch.allclose(steps, full, atol=1e-4, rtol=1e-4)
+
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert torch.equal(loaded.get_submodule("layers.0.attn.wkv_b").weight, dense)
+    assert "weight_scale_inv" not in "".join(loaded.state_dict())

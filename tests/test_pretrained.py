@@ -23,10 +23,11 @@ from safetensors.torch import load_file, save_file
 import deepseek_mini.pretrained as pretrained
 from deepseek_mini import build_model, from_pretrained, load_config, save_pretrained
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.fp8.quant import dequantize_weight
 from deepseek_mini.model import cut
 from deepseek_mini.mtp import mtp_logits
 from deepseek_mini.pretrained import (
-    INDEX_FILE, WEIGHTS_FILE, dequantize_fp8_blockwise, hf_config_dict,
+    INDEX_FILE, WEIGHTS_FILE, hf_config_dict,
 )
 
 E4M3_MAX = 448.0          # largest finite float8_e4m3fn value
@@ -340,24 +341,24 @@ def _dequantise_by_loops(q: torch.Tensor, scale: torch.Tensor, block: int) -> to
     return out
 
 
-def test_dequantize_fp8_blockwise_ragged_blocks():
+def test_dequantize_weight_ragged_blocks():
     torch.manual_seed(0)
     q = (torch.randn(300, 200) * 8).to(torch.float8_e4m3fn)       # 3 x 2 blocks, the last ones ragged
     scale = 2.0 ** torch.randint(-10, 0, (3, 2)).float()
     exact = _dequantise_by_loops(q, scale, 128)
-    assert torch.equal(dequantize_fp8_blockwise(q, scale), exact)
-    assert dequantize_fp8_blockwise(q, scale, dtype=torch.bfloat16).dtype == torch.bfloat16
-    stacked = dequantize_fp8_blockwise(torch.stack([q, q]), torch.stack([scale, 2 * scale]))  # fused experts
+    assert torch.equal(dequantize_weight(q, scale), exact)
+    assert dequantize_weight(q, scale, dtype=torch.bfloat16).dtype == torch.bfloat16
+    stacked = dequantize_weight(torch.stack([q, q]), torch.stack([scale, 2 * scale]))  # fused experts
     assert torch.equal(stacked[0], exact) and torch.equal(stacked[1], 2 * exact)
     with pytest.raises(ValueError, match=r"needs scales of shape \(3, 2\), got \(2, 2\)"):
-        dequantize_fp8_blockwise(q, scale[:2])
+        dequantize_weight(q, scale[:2])
 
 
 def test_fp8_quantisation_error_is_within_e4m3_precision():
     torch.manual_seed(1)
     weight = torch.randn(300, 200) * torch.logspace(-3, 1, 200)    # columns of very different sizes
     q, scale = _quantise(weight, 128)
-    restored = dequantize_fp8_blockwise(q, scale)
+    restored = dequantize_weight(q, scale)
     for bi, bj, rows, cols in _blocks(300, 200, 128):
         error = (restored[rows, cols] - weight[rows, cols]).abs()
         assert (error <= E4M3_REL_STEP * weight[rows, cols].abs() + E4M3_MIN_STEP * scale[bi, bj]).all()

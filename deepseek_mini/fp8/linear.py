@@ -28,19 +28,27 @@ def _ops(device: torch.device):
         return kernels.act_quant, kernels.weight_quant, kernels.fp8_gemm
     return quant.quantize_activation, quant.quantize_weight, quant.fp8_gemm_fast
 
-__all__ = ['KEEP_HIGH_PRECISION', 'FP8LinearFunction', 'FP8Linear', 'convert_to_fp8']
+__all__ = ['KEEP_HIGH_PRECISION', 'FP8LinearFunction', 'FP8Linear', 'convert_to_fp8', 'dense_weight']
 
 
 # --- notebooks/05_fp8.ipynb: 7. An FP8 linear layer that trains
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T + b with all three GEMMs in FP8; returns FP32 gradients."""
+    """y = x W^T + b with all three GEMMs in FP8; returns FP32 gradients.
+
+    ``weight_scale`` None: ``weight`` is a high-precision master weight, quantised on every call
+    (training). Otherwise ``weight`` already holds E4M3 codes with these block scales (inference on
+    stored FP8 weights, as the released checkpoint keeps them); it gets no gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, block, amax_floor):
+    def forward(ctx, x, weight, bias, block, amax_floor, weight_scale=None):
         act, wquant, gemm = _ops(x.device)
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = act(x2, block, amax_floor=amax_floor)
-        wq, ws = wquant(weight, block, amax_floor=amax_floor)
+        if weight_scale is None:
+            wq, ws = wquant(weight, block, amax_floor=amax_floor)
+        else:
+            wq, ws = weight, weight_scale
         y = gemm(xq, xs, wq, ws, block)                                # Fprop
         ctx.save_for_backward(x2, wq, ws)
         ctx.cfg = (block, amax_floor, bias is not None, x.shape)
@@ -53,22 +61,31 @@ class FP8LinearFunction(torch.autograd.Function):
         block, amax_floor, has_bias, x_shape = ctx.cfg
         act, _, gemm = _ops(grad_y.device)
         g = grad_y.reshape(-1, grad_y.shape[-1]).float()                # (M, N)
-        gq, gs = act(g, block, amax_floor=amax_floor)
-        dx = gemm(gq, gs, wq.T.contiguous(), ws.T.contiguous(), block)  # Dgrad: W^T reuses W's blocks
-        gtq, gts = act(g.T, block, amax_floor=amax_floor)              # Wgrad: 128x1 tiles of dy and x
-        xtq, xts = act(x2.T.float(), block, amax_floor=amax_floor)
-        dw = gemm(gtq, gts, xtq, xts, block)                            # row scales on both sides
-        return dx.reshape(x_shape).to(x2.dtype), dw, (g.sum(0) if has_bias else None), None, None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = act(g, block, amax_floor=amax_floor)
+            dx = gemm(gq, gs, wq.T.contiguous(), ws.T.contiguous(), block)  # Dgrad: W^T reuses W's blocks
+            dx = dx.reshape(x_shape).to(x2.dtype)
+        if ctx.needs_input_grad[1]:
+            gtq, gts = act(g.T, block, amax_floor=amax_floor)              # Wgrad: 128x1 tiles of dy and x
+            xtq, xts = act(x2.T.float(), block, amax_floor=amax_floor)
+            dw = gemm(gtq, gts, xtq, xts, block)                            # row scales on both sides
+        return dx, dw, (g.sum(0) if has_bias else None), None, None, None
 
 
 # --- notebooks/05_fp8.ipynb: 7. An FP8 linear layer that trains
 class FP8Linear(nn.Linear):
-    """``nn.Linear`` with FP8 GEMMs (``FP8LinearFunction``); the parameters stay in their own dtype."""
+    """``nn.Linear`` with FP8 GEMMs (``FP8LinearFunction``); the parameters stay in their own dtype.
+
+    ``store_fp8_()`` turns a layer into its inference form: E4M3 codes and 128x128 block scales
+    (``weight_scale_inv``, the released checkpoint's names), one byte per weight.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block: int = BLOCK,
                  amax_floor: float = AMAX_FLOOR, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.block, self.amax_floor = block, amax_floor
+        self.register_buffer("weight_scale_inv", None)       # set by store_fp8_()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "FP8Linear":
@@ -78,23 +95,51 @@ class FP8Linear(nn.Linear):
         new.load_state_dict(linear.state_dict())
         return new
 
+    def store_fp8_(self) -> "FP8Linear":
+        """Keep the weight as E4M3 codes plus block scales, in place; it no longer trains."""
+        q, s = quant.quantize_weight(self.weight.detach(), self.block, amax_floor=self.amax_floor)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale_inv", s)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self.block, self.amax_floor)
+        if self.weight_scale_inv is not None and self.weight.dtype != quant.E4M3:
+            raise ValueError(f"this FP8Linear stores FP8 weights, but its weight is now {self.weight.dtype} "
+                             f"(a .to(dtype) cast the codes): call store_fp8_() after changing the dtype")
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.block, self.amax_floor,
+                                       self.weight_scale_inv)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, block={self.block}"
+        stored = ", weights stored in fp8" if self.weight_scale_inv is not None else ""
+        return f"{super().extra_repr()}, block={self.block}{stored}"
 
 
-def convert_to_fp8(model: nn.Module, skip: tuple[str, ...] = KEEP_HIGH_PRECISION, **kwargs) -> list[str]:
+def convert_to_fp8(model: nn.Module, skip: tuple[str, ...] = KEEP_HIGH_PRECISION, *, store_fp8: bool = False,
+                   **kwargs) -> list[str]:
     """Replace every plain ``nn.Linear`` whose name contains none of ``skip`` by an ``FP8Linear``, in place.
 
-    Returns the names converted. The defaults keep §3.3.1's high-precision modules.
+    Returns the names converted. The defaults keep §3.3.1's high-precision modules. ``store_fp8``
+    also stores the converted weights in FP8 (inference: half the bytes of BF16).
     """
     converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and not any(s in full for s in skip):
-                setattr(module, child_name, FP8Linear.from_linear(child, **kwargs))
+                layer = FP8Linear.from_linear(child, **kwargs)
+                setattr(module, child_name, layer.store_fp8_() if store_fp8 else layer)
                 converted.append(full)
     return converted
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A linear layer's weight as a dense tensor, dequantised if the layer stores FP8 codes.
+
+    For code that reads a weight instead of calling the layer: MLA's absorbed path folds
+    W^{UK} and W^{UV} out of ``wkv_b`` (chapter 02), as the official inference code dequantises it.
+    """
+    scale = getattr(linear, "weight_scale_inv", None)
+    if scale is None:
+        return linear.weight if dtype is None else linear.weight.to(dtype)
+    return quant.dequantize_weight(linear.weight, scale, getattr(linear, "block", BLOCK),
+                                   dtype or torch.get_default_dtype())

@@ -79,14 +79,19 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK, *, amax_floor: float = 
     return q, scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK,
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int | tuple[int, int] = BLOCK,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q * scale per block; the rule of ``pretrained.dequantize_fp8_blockwise`` (ragged edges allowed)."""
-    n, k = q.shape
-    expected = (math.ceil(n / block), math.ceil(k / block))
+    """q (..., N, K) times its block scales (..., ceil(N/bn), ceil(K/bk)); edge blocks may be ragged.
+
+    The released checkpoint stores ``weight_scale_inv`` = this scale (the official ``weight_dequant``).
+    """
+    bn, bk = (block, block) if isinstance(block, int) else block
+    n, k = q.shape[-2:]
+    expected = (*q.shape[:-2], math.ceil(n / bn), math.ceil(k / bk))
     if tuple(scale.shape) != expected:
-        raise ValueError(f"weight {tuple(q.shape)} needs scale {expected}, got {tuple(scale.shape)}")
-    s = scale.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+        raise ValueError(f"FP8 weight of shape {tuple(q.shape)} with {bn}x{bk} blocks needs scales of "
+                         f"shape {expected}, got {tuple(scale.shape)}")
+    s = scale.float().repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
     return (q.float() * s).to(dtype)
 
 
