@@ -18,7 +18,7 @@ the training forward and backward through ``torch.compile``.
 
 Honest simplifications for a CPU course: one process (chapter 06 adds pipeline and expert
 parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), FP8 only when
-asked for (``hooks=[*default_hooks(cfg), FP8Training()]``, emulated on a CPU). On CUDA the forward runs under bf16 autocast with float32 master weights.
+asked for (``TrainConfig(fp8=True)``, ``--fp8``, which adds ``FP8Training`` to the default hooks; emulated on a CPU). On CUDA the forward runs under bf16 autocast with float32 master weights.
 
 A run never loses or mixes work. This module keeps each step whole:
 
@@ -127,6 +127,10 @@ class TrainConfig:
     device: str = _setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", "run")
     compile: bool = _setting(False, "train through torch.compile(model): the first steps compile, evaluation "
                                     "stays eager", "run")
+    fp8: bool = _setting(False, "FP8 mixed precision (chapter 05, DeepSeek-V3 §3.3): every eligible linear runs "
+                                "its three GEMMs in E4M3 with 1x128 / 128x128 scales (emulated on a CPU, Triton "
+                                "kernels on CUDA); FP32 master weights", "run",
+                         fixed="the model's linear layers and their numerics differ")
     data: str = _setting("synthetic", "'synthetic' (built-in 4-domain corpus) or a UTF-8 text file", "data",
                          metavar="SOURCE", fixed=_CORPUS)
     n_docs: int = _setting(4000, "synthetic documents to generate", "data", metavar="N", fixed=_CORPUS)
@@ -188,7 +192,7 @@ class TrainConfig:
                              "must be >= 0")
         if not 0 <= self.mtp_lambda_switch <= 1:
             raise ValueError(f"mtp_lambda_switch ({self.mtp_lambda_switch}) must be a fraction of the run in [0, 1]")
-        for name in ("compile", "progress"):
+        for name in ("compile", "progress", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda", "mps")
@@ -208,9 +212,11 @@ RESUME_FIXED: dict[str, tuple[str, str]] = {f.name: (_flag(f), f.metadata["fixed
 def default_hooks(cfg: TrainConfig) -> list[TrainHook]:
     """The hooks ``train`` uses unless given others, with ``cfg``'s settings: Multi-Token Prediction
     (nothing on a model without MTP modules), then DeepSeekMoE's balancing (nothing on a model
-    without MoE layers). MTP comes first so that its blocks' routing joins the balance loss."""
-    return [MultiTokenPrediction(cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_late, cfg.mtp_lambda_switch),
-            MoEBalancing(cfg.bias_update_speed, cfg.balance_loss, cfg.balance_loss_alpha)]
+    without MoE layers). MTP comes first so that its blocks' routing joins the balance loss. With
+    ``cfg.fp8``, ``FP8Training`` follows (chapter 05)."""
+    hooks = [MultiTokenPrediction(cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_late, cfg.mtp_lambda_switch),
+             MoEBalancing(cfg.bias_update_speed, cfg.balance_loss, cfg.balance_loss_alpha)]
+    return [*hooks, FP8Training()] if cfg.fp8 else hooks
 
 
 def _saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:

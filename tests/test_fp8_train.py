@@ -78,3 +78,19 @@ def test_an_fp8_run_resumes_bit_identically_and_needs_the_hook(data, tmp_path):
 def test_fp8_hook_rejects_a_bad_block():
     with pytest.raises(ValueError, match="block"):
         FP8Training(block=0)
+
+
+def test_the_fp8_setting_adds_the_hook_and_a_resume_keeps_it(data, tmp_path):
+    """``TrainConfig(fp8=True)`` / ``--fp8`` = the default hooks plus FP8Training; a resume may not drop it."""
+    from deepseek_mini.train import RESUME_FIXED
+    assert [h.name for h in default_hooks(run(fp8=True))][-1] == "fp8"
+    assert "fp8" not in [h.name for h in default_hooks(run())] and "fp8" in RESUME_FIXED
+    with pytest.raises(ValueError, match="fp8"):
+        run(fp8="yes").validate()
+    config = load_config("toy", **TINY_MOE)
+    out = tmp_path / "run"
+    result = train(config, run(steps=2, fp8=True, checkpoint_every=2, out_dir=str(out)), data=data)
+    assert any(isinstance(m, FP8Linear) for m in result.model.modules())
+    with pytest.raises(ValueError, match="fp8"):
+        train(None, run(steps=4, fp8=False, out_dir=str(tmp_path / "b")), data=data,
+              resume=out / "checkpoint-000002.pt")

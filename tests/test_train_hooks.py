@@ -393,7 +393,8 @@ def test_every_fixed_setting_is_refused_on_resume_by_the_api_and_the_cli(finishe
         train(None, TrainConfig(**{**load_checkpoint(finished_run)["train_config"], "steps": 4, name: value}),
               resume=finished_run)
     with pytest.raises(ValueError, match=rf"^{flag} {value} differs from the checkpoint's .*; {why}"):
-        _cli_configs(_parser().parse_args(["--resume", str(finished_run), "--steps", "4", flag, str(value)]))
+        given = [flag] if isinstance(value, bool) else [flag, str(value)]     # a bool's flag flips it
+        _cli_configs(_parser().parse_args(["--resume", str(finished_run), "--steps", "4", *given]))
 
 
 def test_settings_that_are_not_fixed_may_change_on_resume(finished_run):
