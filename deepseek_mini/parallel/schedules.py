@@ -24,6 +24,20 @@ the parameter memory that the paper's Table 2 compares:
 DualPipeV (the DualPipe repository's "V" variant) folds DualPipe's two directions onto PP/2 ranks:
 same bubble and memory, half the devices.
 
+How the bubble is measured: ``bubble[r] = makespan - busy[r]``, the time rank r idles between the
+step's start and the end of the last rank's last action, with no send latency (``comm = 0``). Table 2
+is the largest of these; it equals the simulator exactly
+
+* 1F1B: on every rank, for any F and B (n_micro >= pp);
+* ZB1P: on every rank when W <= F and W <= B - W (each deferred W fits in the gap it fills);
+* DualPipe, DualPipeV: on the middle ranks when F = B - W (a forward as long as a backward for
+  input, e.g. the usual B = 2F, W = F), W <= F and B <= F&B <= F + B. With F&B = F + B every rank
+  idles exactly that long; with a real overlap the ranks near the ends run more chunks without a
+  partner (more busy time) and idle less.
+
+Outside these conditions the simulated bubble differs from the formula (``tests/test_schedules.py``
+shows both sides).
+
 Conventions: ``pp`` is always the number of *ranks* (devices). 1F1B, ZB1P and DualPipe cut the model
 into ``pp`` stages; DualPipeV cuts it into ``2 * pp`` stages (rank r holds stages r and 2pp-1-r).
 """
