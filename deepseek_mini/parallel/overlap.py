@@ -29,7 +29,10 @@ from dataclasses import dataclass, fields
 
 from deepseek_mini.parallel.schedules import Costs
 
+__all__ = ['ChunkCosts', 'Op', 'PairTimeline', 'overlap_pair', 'plot_overlap']
 
+
+# --- notebooks/06_dualpipe.ipynb: 5. Computation–communication overlap (Figure 4)
 @dataclass(frozen=True)
 class ChunkCosts:
     """Per-layer costs of a chunk's components (any time unit). ``*_b`` is the backward for input,
@@ -53,8 +56,6 @@ class ChunkCosts:
         for f in fields(self):
             if not getattr(self, f.name) >= 0:
                 raise ValueError(f"ChunkCosts: {f.name} ({getattr(self, f.name)}) must be >= 0")
-
-__all__ = ['ChunkCosts', 'Op', 'PairTimeline', 'overlap_pair', 'plot_overlap']
 
 
 # --- notebooks/06_dualpipe.ipynb: 5. Computation–communication overlap (Figure 4)

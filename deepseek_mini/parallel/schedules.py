@@ -255,6 +255,7 @@ def _produces(unit: Action) -> list[tuple]:
     return {"F": [("F", *key)], "B": [("G", *key)], "I": [("G", *key), ("I", *key)], "W": [("W", *key)]}[unit.kind]
 
 
+# --- notebooks/06_dualpipe.ipynb: The simulator
 def _check_actions(actions: list[list[Action]]) -> dict[int, int]:
     """One-line errors for malformed schedules; returns the last stage of each direction."""
     if not actions or not all(isinstance(acts, (list, tuple)) for acts in actions):
@@ -338,6 +339,7 @@ def simulate(actions: list[list[Action]], costs: Costs | None = None) -> Timelin
     return Timeline(actions, costs, start, end, _peak_activations(actions), _param_stages(actions))
 
 
+# --- notebooks/06_dualpipe.ipynb: The simulator
 def _peak_activations(actions: list[list[Action]]) -> list[int]:
     peaks = []
     for acts in actions:
