@@ -16,6 +16,8 @@ check cell by whether it raised. Later chapters add their ``check_*`` functions 
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Callable
 
@@ -26,7 +28,8 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_split_query", "check_mla_cache_bytes", "check_absorb_query", "check_absorbed_attention",
            "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
            "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
-           "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm"]
+           "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm",
+           "check_bubble", "check_one_f_one_b"]
 
 
 class CheckFailure(AssertionError):
@@ -1167,3 +1170,158 @@ def check_quantize_blocks(quantize_blocks: Callable) -> None:
             hint = "q = W / scale, not W * scale"
         assert_tensor_close(ex, q.float(), q_ref.float(), f"q (as float) for {case}", rtol=0, atol=0, hint=hint)
     _passed(ex, "128 x 128 blocks, scale (N/128, K/128) = max|block| / 448, q = W / scale in float8_e4m3fn")
+
+
+# ----------------------------------------------------------------------- chapter 06
+
+
+def _bubble_mistakes(schedule: str) -> list[tuple[Callable, str]]:
+    """(formula, hint) for the usual slips in Table 2's bubble column, for one schedule."""
+    steps = ("pp - 1 steps: the first micro-batch needs pp - 1 stage hops before the last stage starts, "
+             "and the last one pp - 1 hops back; use pp - 1, not pp")
+    if schedule == "1f1b":
+        return [(lambda pp, F, B, W, FB: pp * (F + B), steps),
+                (lambda pp, F, B, W, FB: (pp - 1) * (F + B - 2 * W), "that is ZB1P's bubble: 1F1B runs each "
+                 "backward whole, nothing fills the gaps, so its bubble is (PP-1)(F+B)"),
+                (lambda pp, F, B, W, FB: (pp - 1) * F, "each bubble step costs a forward *and* a backward: (PP-1)(F+B)")]
+    if schedule == "zb1p":
+        return [(lambda pp, F, B, W, FB: pp * (F + B - 2 * W), steps),
+                (lambda pp, F, B, W, FB: (pp - 1) * (F + B), "the -2W is missing: ZB1P moves weight-gradient steps "
+                 "into the gaps, 2W per pipeline step, so its bubble is (PP-1)(F+B-2W)"),
+                (lambda pp, F, B, W, FB: (pp - 1) * (F + B - W), "ZB1P fills 2W per pipeline step, not W: (PP-1)(F+B-2W)"),
+                (lambda pp, F, B, W, FB: (pp - 1) * (F + B - 3 * W), "-3W is DualPipe's; ZB1P's is (PP-1)(F+B-2W)")]
+    return [(lambda pp, F, B, W, FB: (pp - 1) * (FB + B - 3 * W), "PP/2 - 1, not PP - 1: the micro-batches enter "
+             "from both ends, so each direction's pipeline is only PP/2 deep"),
+            (lambda pp, F, B, W, FB: pp / 2 * (FB + B - 3 * W), "PP/2 - 1 steps, not PP/2: as in 1F1B, the bubble "
+             "has one step fewer than the pipeline is deep"),
+            (lambda pp, F, B, W, FB: (pp / 2 - 1) * (F + B + B - 3 * W), "a DualPipe step overlaps a forward with a "
+             "backward: use F&B (the argument FB), not F + B"),
+            (lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B - 2 * W), "DualPipe fills 3W per step (-3W), ZB1P 2W"),
+            (lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B), "the -3W is missing: the weight-gradient steps fill "
+             "part of each bubble step"),
+            (lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB - 3 * W), "the + B is missing: (PP/2-1)(F&B+B-3W)"),
+            (lambda pp, F, B, W, FB: (pp - 1) * (F + B - 2 * W), "that is ZB1P's bubble; DualPipe's is "
+             "(PP/2-1)(F&B+B-3W)")]
+
+
+def check_bubble(bubble: Callable) -> None:
+    """Exercise 06.1: Table 2's bubble for 1F1B, ZB1P and DualPipe (DeepSeek-V3 §3.2.1)."""
+    from deepseek_mini.parallel.schedules import bubble_formula
+
+    ex = "bubble"
+    # Costs with no coincidences: every mistake above gives a different number from the answer.
+    F, B, W, FB = 1.5, 2.5, 0.75, 3.5
+    cases = [("1f1b", 4), ("1f1b", 1), ("zb1p", 4), ("zb1p", 8), ("dualpipe", 8), ("dualpipe", 4), ("dualpipe", 2)]
+    for schedule, pp in cases:
+        case = f"bubble({schedule!r}, pp={pp}, F={F}, B={B}, W={W}, FB={FB})"
+        got = _call_safe(ex, bubble, case, schedule, pp, F, B, W, FB)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, numbers.Real):
+            _fail(ex, f"{case} returned {type(got).__name__}; expected a number (a time, in the units of F and B)",
+                  "return the formula's value, e.g. (pp - 1) * (F + B) for 1F1B")
+        expected = bubble_formula(schedule, pp, F, B, W, FB)
+        if math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9):
+            continue
+        hint = next((h for wrong, h in _bubble_mistakes(schedule)
+                     if math.isclose(got, wrong(pp, F, B, W, FB), rel_tol=1e-9, abs_tol=1e-9)),
+                    {"1f1b": "1F1B: (PP-1)(F+B)", "zb1p": "ZB1P: (PP-1)(F+B-2W)",
+                     "dualpipe": "DualPipe: (PP/2-1)(F&B+B-3W), with F&B the argument FB"}[schedule])
+        _fail(ex, f"{case} returned {got:g}, expected {expected:g}", hint)
+    _passed(ex, "Table 2's bubble: 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe (PP/2-1)(F&B+B-3W)")
+
+
+def _one_f_one_b_variant(pp: int, n_micro: int, warmup: Callable[[int], int] | None = None,
+                         lifo: bool = False, gpipe: bool = False) -> list[list[tuple[str, int]]]:
+    """1F1B per-rank lists, or one of the usual mistakes: another warm-up count, backwards newest first, GPipe."""
+    out = []
+    for r in range(pp):
+        w = min(max((pp - 1 - r) if warmup is None else warmup(r), 0), n_micro)
+        kinds = ["F"] * n_micro + ["B"] * n_micro if gpipe else ["F"] * w + ["F", "B"] * (n_micro - w) + ["B"] * w
+        ops, live, nxt = [], [], 0
+        for kind in kinds:
+            if kind == "F":
+                ops.append(("F", nxt))
+                live.append(nxt)
+                nxt += 1
+            else:
+                ops.append(("B", live.pop() if lifo else live.pop(0)))
+        out.append(ops)
+    return out
+
+
+def _schedule_lists(exercise: str, got, case: str, pp: int) -> list[list[tuple[str, int]]]:
+    """``got`` as pp lists of (kind, micro) tuples, or a CheckFailure that says what it is instead."""
+    shape = "a list of pp lists, one per rank, of ('F', micro) and ('B', micro) tuples"
+    if not isinstance(got, (list, tuple)):
+        _fail(exercise, f"{case} returned {type(got).__name__}; expected {shape}", "return the list of rank lists")
+    if len(got) != pp:
+        _fail(exercise, f"{case} returned {len(got)} rank lists; expected pp = {pp}", "one list per rank")
+    out = []
+    for r, rank in enumerate(got):
+        if not isinstance(rank, (list, tuple)):
+            _fail(exercise, f"{case}: rank {r}'s entry is a {type(rank).__name__}; expected a list", shape)
+        ops = []
+        for i, op in enumerate(rank):
+            if not (isinstance(op, (list, tuple)) and len(op) == 2 and op[0] in ("F", "B")):
+                _fail(exercise, f"{case}: rank {r}, position {i} is {op!r}; expected ('F', micro) or ('B', micro)",
+                      shape)
+            try:
+                ops.append((op[0], operator.index(op[1])))
+            except TypeError:
+                _fail(exercise, f"{case}: rank {r}, position {i} is {op!r}; the micro-batch must be an int", shape)
+        out.append(ops)
+    return out
+
+
+def check_one_f_one_b(one_f_one_b: Callable) -> None:
+    """Exercise 06.2: the 1F1B order per rank (warm-up pp-1-r forwards, one forward one backward, drain)."""
+    ex = "one_f_one_b"
+    general = ("rank r: pp - 1 - r warm-up forwards, then n_micro - (pp - 1 - r) times (a forward, a backward), "
+               "then pp - 1 - r backwards; micro-batches go backward in the order they went forward")
+    for pp, n_micro in [(4, 8), (3, 3), (1, 2), (5, 7)]:
+        case = f"one_f_one_b(pp={pp}, n_micro={n_micro})"
+        got = _schedule_lists(ex, _call_safe(ex, one_f_one_b, case, pp, n_micro), case, pp)
+        expected = _one_f_one_b_variant(pp, n_micro)
+        if got == expected:
+            continue
+        mistakes = [(dict(gpipe=True), "that is GPipe (all forwards, then all backwards): 1F1B starts alternating "
+                     "after the warm-up, so a rank holds at most pp - r micro-batches instead of n_micro"),
+                    (dict(lifo=True), "backwards in the wrong order: the oldest micro-batch in flight goes backward "
+                     "first (first in, first out), as its gradient arrives from the next stage first"),
+                    (dict(warmup=lambda r: pp - r), "warm-up off by one: rank r runs pp - 1 - r forwards before "
+                     "its first (forward, backward) pair, not pp - r"),
+                    (dict(warmup=lambda r: pp - 2 - r), "warm-up off by one: rank r runs pp - 1 - r forwards "
+                     "before its first (forward, backward) pair, not pp - 2 - r"),
+                    (dict(warmup=lambda r: r), "the warm-up is reversed: rank 0 (the first stage) runs pp - 1 "
+                     "warm-up forwards and the last rank none, pp - 1 - r in general"),
+                    (dict(warmup=lambda r: pp - 1), "every rank gets the same warm-up: rank r runs pp - 1 - r "
+                     "(the last rank starts its backwards at once)"),
+                    (dict(warmup=lambda r: 0), "no warm-up: rank r first runs pp - 1 - r forwards, so that the "
+                     "pipeline fills before the ranks alternate")]
+        for kw, hint in mistakes:
+            variant = _one_f_one_b_variant(pp, n_micro, **kw)
+            if variant != expected and got == variant:
+                _fail(ex, f"{case} is not 1F1B's order", hint)
+        for r, (ops, want) in enumerate(zip(got, expected)):
+            for kind in "FB":
+                micros = sorted(i for k, i in ops if k == kind)
+                if micros != list(range(n_micro)):
+                    _fail(ex, f"{case}: rank {r} runs the {'forwards' if kind == 'F' else 'backwards'} of micro-batches "
+                              f"{micros}, expected each of 0..{n_micro - 1} once",
+                          "every rank runs one forward and one backward of every micro-batch")
+            done, live, peak = set(), 0, 0
+            for i, (kind, micro) in enumerate(ops):
+                if kind == "B" and micro not in done:
+                    _fail(ex, f"{case}: rank {r}, position {i}: the backward of micro-batch {micro} comes before "
+                              f"its forward", "a micro-batch goes backward only after its forward")
+                done.add(micro)
+                live += 1 if kind == "F" else -1
+                peak = max(peak, live)
+            if peak > pp - r:
+                _fail(ex, f"{case}: rank {r} holds {peak} micro-batches in flight at once; 1F1B holds at most "
+                          f"pp - r = {pp - r}", general)
+            if ops != want:
+                i = next(i for i, (a, b) in enumerate(zip(ops, want)) if a != b)
+                _fail(ex, f"{case}: rank {r}, position {i}: got {ops[i]}, expected {want[i]}", general)
+    _passed(ex, "warm-up pp-1-r forwards, one forward one backward, drain: at most pp - r micro-batches in flight")
