@@ -1,10 +1,13 @@
-"""Expert parallelism (issue #13; DeepSeek-V3 §3.2.2, §2.1.2): the all-to-all exchange on 2 and 4 gloo
+"""Expert parallelism (issue #13; DeepSeek-V3 §3.2.2, §2.1.2): the all-to-all exchange over 2 and 4 gloo
 processes equals the single-process MoE (outputs, input and parameter gradients, the bias update),
-with uneven loads, idle experts and a rank whose experts receive nothing; node-limited routing
-caps the nodes per token and lowers cross-node traffic; the launcher never hangs.
+with uneven loads, idle experts, a rank whose experts receive nothing and a rank without tokens;
+node-limited routing caps the nodes per token and the copies that cross nodes; the launcher
+never hangs.
 
-The workers are module-level functions: spawned processes import them by name. Each world size
-is spawned once (a module fixture) and every check reads its results.
+One spawn of 4 processes runs every check (spawning costs seconds on a busy CPU): EP over the
+4 ranks, and EP over 2 ranks as two 2-rank groups side by side (as two pipeline stages would hold
+two layers), each group against its own single process. The workers are module-level functions:
+spawned processes import them by name.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.moe import MoE, group_limited_topk, moe_layers, update_bias
 from deepseek_mini.parallel import AllToAllDispatcher, expert_traffic, run_workers, shard_experts
 
+WORLD_SIZE = 4
 DIM, INTER, N_EXPERTS, TOPK = 16, 8, 8, 2
 GAMMA = 0.25
 # Routing rigged through the bias b_i (it only chooses experts): expert 5 wins most tokens (uneven
 # load), experts 3, 6 and 7 never win (idle; on 4 ranks rank 3 holds 6 and 7 and receives nothing).
 BIAS = torch.tensor([0.0, 0.0, 0.0, -10.0, 0.0, 0.5, -10.0, -10.0])
-TOKENS = {2: [6, 3], 4: [5, 3, 7, 1]}          # tokens on each rank: uneven
+TOKENS = {2: [6, 3], 4: [5, 3, 7, 1]}          # tokens on each rank of an EP group: uneven
+SEEDS = {2: (3, 4), 4: (1,)}                   # the batch of each EP group
+EMPTY_RANK = [6, 0]                            # 2 ranks, the second without a token
 SEQUENCES = {2: [3, 1], 4: [2, 1, 1, 1]}       # toy-model sequences on each rank
 SEQ_LEN = 8
-STAGE_SEEDS = (3, 4)                            # the batches of two 2-rank groups in a 4-rank world
 
 
 def make_moe(n_experts: int = N_EXPERTS) -> MoE:
@@ -40,16 +45,16 @@ def make_moe(n_experts: int = N_EXPERTS) -> MoE:
     return moe.train()
 
 
-def moe_batch(world_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_batch(tokens: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The concatenated batch of every rank's tokens, and the weights of a linear loss on the output."""
     generator = torch.Generator().manual_seed(seed)
-    n = sum(TOKENS[world_size])
+    n = sum(tokens)
     return torch.randn(n, DIM, generator=generator), torch.randn(n, DIM, generator=generator)
 
 
-def model_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def model_batch(sequences: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
-    shape = (sum(SEQUENCES[world_size]), SEQ_LEN)
+    shape = (sum(sequences), SEQ_LEN)
     return torch.randint(0, 256, shape, generator=generator), torch.randint(0, 256, shape, generator=generator)
 
 
@@ -57,10 +62,10 @@ def rank_slice(sizes: list[int], rank: int) -> slice:
     return slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
 
 
-def layer_step(rank: int, world_size: int, group: dist.ProcessGroup, seed: int) -> dict:
+def layer_step(rank: int, tokens: list[int], group: dist.ProcessGroup, seed: int) -> dict:
     """One training step of an expert-parallel MoE layer on this rank's tokens: forward, backward, bias update."""
-    mine = rank_slice(TOKENS[world_size], rank)
-    x, target = moe_batch(world_size, seed)
+    mine = rank_slice(tokens, rank)
+    x, target = moe_batch(tokens, seed)
     moe = shard_experts(make_moe(), group)
     x = x[mine].clone().requires_grad_()
     y = moe(x)
@@ -73,57 +78,58 @@ def layer_step(rank: int, world_size: int, group: dist.ProcessGroup, seed: int) 
             **{f"shared_{n}": p.grad for n, p in moe.shared_experts.named_parameters()}}
 
 
-def ep_worker(rank: int, world_size: int) -> dict:
-    """Every EP check on one rank: an MoE layer over WORLD and (4 ranks) over two 2-rank subgroups, as
-    two pipeline stages would hold them; the toy model; bad inputs."""
-    layer = layer_step(rank, world_size, dist.group.WORLD, seed=1)
-    stage = None
-    if world_size == 4:                               # every rank creates every group, in the same order
-        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        stage = layer_step(rank % 2, 2, groups[rank // 2], seed=STAGE_SEEDS[rank // 2])
-
-    tokens, targets = model_batch(world_size)
-    mine = rank_slice(SEQUENCES[world_size], rank)
-    model = shard_experts(build_model("toy", seed=0))
+def model_step(rank: int, sequences: list[int], group: dist.ProcessGroup) -> dict:
+    """The toy model, built with one seed on every rank and sharded: logits and gradients of a summed loss."""
+    tokens, targets = model_batch(sequences)
+    mine = rank_slice(sequences, rank)
+    model = shard_experts(build_model("toy", seed=0), group)
     logits = model(tokens[mine])
     F.cross_entropy(logits.flatten(0, 1), targets[mine].flatten(), reduction="sum").backward()
     replicated = {n: p.grad for n, p in model.named_parameters() if ".experts." not in n}
     for grad in replicated.values():                # what the DP x EP gradient sync will do
-        dist.all_reduce(grad)
-    whole = {"logits": logits.detach(), "replicated": replicated if rank == 0 else {},
-             "experts": {n: p.grad for n, p in model.named_parameters() if ".experts." in n}}
+        dist.all_reduce(grad, group=group)
+    return {"logits": logits.detach(), "replicated": replicated if rank == 0 else {},
+            "experts": {n: p.grad for n, p in model.named_parameters() if ".experts." in n}}
 
-    errors = {}
-    try:
-        shard_experts(make_moe(N_EXPERTS + 1))
-    except ValueError as error:
-        errors["indivisible"] = str(error)
+
+def ep_worker(rank: int, world_size: int) -> dict:
+    """Every EP check on one rank of 4: over the 4 ranks, and over its 2-rank group."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]     # every rank creates both, in order
+    pair, half = pairs[rank // 2], rank % 2
+    out = {4: {"layer": layer_step(rank, TOKENS[4], dist.group.WORLD, SEEDS[4][0]),
+               "model": model_step(rank, SEQUENCES[4], dist.group.WORLD)},
+           2: {"layer": layer_step(half, TOKENS[2], pair, SEEDS[2][rank // 2]),
+               "model": model_step(half, SEQUENCES[2], pair),
+               "empty": layer_step(half, EMPTY_RANK, pair, seed=5)}}
+    for size, group in ((4, dist.group.WORLD), (2, pair)):
+        errors = out[size]["errors"] = {}
+        try:
+            shard_experts(make_moe(N_EXPERTS + 1), group)
+        except ValueError as error:
+            errors["indivisible"] = str(error)
     try:
         AllToAllDispatcher().combine(torch.zeros(0, DIM), [])
     except RuntimeError as error:
-        errors["combine_first"] = str(error)
-    return {"layer": layer, "stage": stage, "model": whole, "errors": errors}
+        out[4]["errors"]["combine_first"] = str(error)
+    return out
 
 
 @pytest.fixture(scope="module")
-def ep2() -> list[dict]:
-    return run_workers(ep_worker, 2, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ep4() -> list[dict]:
-    return run_workers(ep_worker, 4, timeout=120)
+def workers() -> list[dict]:
+    return run_workers(ep_worker, WORLD_SIZE, timeout=120)
 
 
 @pytest.fixture(params=[2, 4], ids=["ep2", "ep4"])
-def ep(request) -> tuple[int, list[dict]]:
-    """(world size, the workers' results by rank): each world size is spawned once per module."""
-    return request.param, request.getfixturevalue(f"ep{request.param}")
+def ep(request, workers) -> tuple[int, list[list[dict]]]:
+    """(EP size, the results of each EP group: one group of 4 ranks, or two groups of 2)."""
+    size = request.param
+    by_rank = [w[size] for w in workers]
+    return size, [by_rank[start:start + size] for start in range(0, WORLD_SIZE, size)]
 
 
-def one_process(world_size: int, seed: int = 1) -> dict:
-    """The single-process layer on the concatenated batch of ``world_size`` ranks: output, gradients, bias."""
-    x, target = moe_batch(world_size, seed)
+def one_process(tokens: list[int], seed: int) -> dict:
+    """The single-process layer on the concatenated batch of the ranks: output, gradients, bias."""
+    x, target = moe_batch(tokens, seed)
     moe = make_moe()
     x.requires_grad_()
     y = moe(x)
@@ -133,17 +139,12 @@ def one_process(world_size: int, seed: int = 1) -> dict:
     return {"moe": moe, "y": y.detach(), "x_grad": x.grad, "load": load}
 
 
-@pytest.fixture(scope="module")
-def reference() -> dict:
-    return {world_size: one_process(world_size) for world_size in TOKENS}
-
-
 def check_layer(results: list[dict], ref: dict) -> None:
     """EP ranks' results of ``layer_step`` against the single-process layer: everything a step produces."""
-    moe, world_size = ref["moe"], len(results)
+    moe, size = ref["moe"], len(results)
     torch.testing.assert_close(torch.cat([r["y"] for r in results]), ref["y"])
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), ref["x_grad"])
-    per_rank = N_EXPERTS // world_size
+    per_rank = N_EXPERTS // size
     for rank, r in enumerate(results):                 # each rank: its experts' whole gradient
         assert r["n_local"] == per_rank
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -152,66 +153,69 @@ def check_layer(results: list[dict], ref: dict) -> None:
     torch.testing.assert_close(sum(r["gate_grad"] for r in results), moe.gate.weight.grad)
     for name, param in moe.shared_experts.named_parameters():
         torch.testing.assert_close(sum(r[f"shared_{name}"] for r in results), param.grad)
-    for r in results:
+    for r in results:                                  # every replica of b_i moved as one process moves it
         assert torch.equal(r["bias"], moe.gate.bias)
 
 
-def test_the_rigged_routing_is_uneven_and_leaves_experts_idle(reference):
-    for ref in reference.values():
-        load = ref["load"]
-        assert load[[3, 6, 7]].eq(0).all() and load.argmax() == 5 and load.max() > 2 * load.mean()
+def test_the_rigged_routing_is_uneven_and_leaves_experts_idle():
+    for size, seeds in SEEDS.items():
+        for seed in seeds:
+            load = one_process(TOKENS[size], seed)["load"]
+            assert load[[3, 6, 7]].eq(0).all() and load.argmax() == 5 and load.max() > 2 * load.mean()
 
 
-def test_layer_step_equals_one_process(ep, reference):
+def test_layer_step_equals_one_process(ep):
     """Outputs, input gradients, each rank's expert gradients, the replicated gradients summed, the bias."""
-    world_size, results = ep
-    check_layer([r["layer"] for r in results], reference[world_size])
-    if world_size == 4:                                  # rank 3's experts received no row: zero gradient
-        assert all(results[3]["layer"][f"expert_{n}"].eq(0).all() for n in ("w1", "w2", "w3"))
+    size, groups = ep
+    for results, seed in zip(groups, SEEDS[size]):
+        check_layer([r["layer"] for r in results], one_process(TOKENS[size], seed))
+    if size == 4:                                      # rank 3's experts received no row: zero gradient
+        assert all(groups[0][3]["layer"][f"expert_{n}"].eq(0).all() for n in ("w1", "w2", "w3"))
 
 
-def test_layer_step_over_subgroups_equals_one_process_per_group(ep4):
-    """Two 2-rank groups in a 4-rank world (two pipeline stages): the experts, the exchange and the
-    load sum stay inside each group."""
-    for stage, seed in enumerate(STAGE_SEEDS):
-        check_layer([r["stage"] for r in ep4[2 * stage:2 * stage + 2]], one_process(2, seed))
+def test_layer_step_with_a_rank_without_tokens_equals_one_process(workers):
+    """A rank with no token still joins every all-to-all (it sends nothing and serves its experts)."""
+    for pair in (workers[:2], workers[2:]):
+        assert pair[1][2]["empty"]["y"].shape == (0, DIM)
+        check_layer([r[2]["empty"] for r in pair], one_process(EMPTY_RANK, seed=5))
 
 
-def test_bias_update_needs_the_load_summed_over_the_ranks(ep, reference):
-    world_size, results = ep
-    expected = reference[world_size]["moe"].gate.bias
-    assert expected.ne(0).any()
-    # Without the group each rank would move its replica of b_i by its own load: they would drift apart.
-    assert any(not torch.equal(r["layer"]["own_load_bias"], expected) for r in results)
+def test_bias_update_needs_the_load_summed_over_the_ranks(ep):
+    size, groups = ep
+    for results, seed in zip(groups, SEEDS[size]):
+        expected = one_process(TOKENS[size], seed)["moe"].gate.bias
+        assert expected.ne(0).any()
+        # Without the group each rank would move its replica of b_i by its own load: they would drift apart.
+        assert any(not torch.equal(r["layer"]["own_load_bias"], expected) for r in results)
 
 
 def test_sharded_toy_model_equals_the_whole_model(ep):
-    world_size, results = ep
-    tokens, targets = model_batch(world_size)
+    size, groups = ep
+    tokens, targets = model_batch(SEQUENCES[size])
     model = build_model("toy", seed=0)
     logits = model(tokens)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
-    torch.testing.assert_close(torch.cat([r["model"]["logits"] for r in results]), logits.detach())
-    grads = dict(model.named_parameters())
-    replicated = results[0]["model"]["replicated"]
-    assert replicated and all(".experts." not in name for name in replicated)
-    for name, grad in replicated.items():
-        torch.testing.assert_close(grad, grads[name].grad, msg=name)
-    n_experts = moe_layers(model)[0].n_routed_experts
-    per_rank = n_experts // world_size
-    for rank, r in enumerate(results):
-        assert r["model"]["experts"]
-        for name, grad in r["model"]["experts"].items():
-            whole = grads[name].grad[rank * per_rank:(rank + 1) * per_rank]
-            torch.testing.assert_close(grad, whole, msg=name)
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    per_rank = moe_layers(model)[0].n_routed_experts // size
+    for results in groups:
+        torch.testing.assert_close(torch.cat([r["model"]["logits"] for r in results]), logits.detach())
+        replicated = results[0]["model"]["replicated"]
+        assert replicated and all(".experts." not in name for name in replicated)
+        for name, grad in replicated.items():
+            torch.testing.assert_close(grad, grads[name], msg=name)
+        for rank, r in enumerate(results):
+            assert r["model"]["experts"]
+            for name, grad in r["model"]["experts"].items():
+                torch.testing.assert_close(grad, grads[name][rank * per_rank:(rank + 1) * per_rank], msg=name)
 
 
 def test_bad_inputs_give_one_line_errors(ep):
-    world_size, results = ep
-    errors = results[0]["errors"]
-    assert errors["indivisible"] == (f"n_routed_experts ({N_EXPERTS + 1}) must be divisible by the "
-                                     f"expert-parallel size ({world_size})")
-    assert errors["combine_first"] == "combine called without a dispatch before it"
+    size, groups = ep
+    for results in groups:
+        assert results[0]["errors"]["indivisible"] == (f"n_routed_experts ({N_EXPERTS + 1}) must be divisible "
+                                                       f"by the expert-parallel size ({size})")
+    if size == 4:
+        assert groups[0][0]["errors"]["combine_first"] == "combine called without a dispatch before it"
 
 
 def test_dispatcher_and_shard_need_a_process_group_and_an_moe():
