@@ -68,6 +68,14 @@ class TrainHook:
     name: str = "hook"                     # unique within a run: keys the hook's state in checkpoints
     progress_keys: tuple[str, ...] = ()    # metrics shown on the progress bar
 
+    def set_process_groups(self, data_parallel: dist.ProcessGroup | None,
+                           pipeline: dist.ProcessGroup | None) -> None:
+        """A parallel run (chapter 06) gives each hook its groups once, before the first step:
+        ``data_parallel``, the ranks that hold the same layers and see different data;
+        ``pipeline``, the ranks whose stages together make the whole model. ``model`` is then
+        this rank's stages (a ``ModuleList``), and ``extra_loss`` runs once per stage and
+        micro-batch with that stage's model and output."""
+
     def prepare_model(self, model: nn.Module) -> None:
         """Change the freshly built model in place (swap modules, cast parameters), once per run,
         before the optimizer is built and before a resume loads the checkpoint into the model.
@@ -123,7 +131,9 @@ class MoEBalancing(TrainHook):
       chapter 06), so every rank applies the same update; with ``None`` this process's load
       is used as is.
     * ``metrics``: ``maxvio``, the step's MaxVio (max load / mean load - 1) averaged over MoE
-      layers, and ``balance_loss = 0.0`` when no loss is added, so runs compare.
+      layers, and ``balance_loss = 0.0`` when no loss is added, so runs compare. With
+      ``stage_group`` (the pipeline ranks, chapter 06), the average is over the layers of every
+      stage: each rank's sum and count are summed over that group.
 
     Evaluation runs the model in eval mode, where MoE layers count nothing, so it never
     moves the bias. On a model without MoE layers every method does nothing.
@@ -133,15 +143,23 @@ class MoEBalancing(TrainHook):
     progress_keys = ("maxvio",)
 
     def __init__(self, bias_update_speed: float = 0.001, balance_loss: str = "sequence", alpha: float = 1e-4,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None,
+                 stage_group: dist.ProcessGroup | None = None) -> None:
         for label, value in (("bias_update_speed", bias_update_speed), ("alpha", alpha)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"{label} ({value!r}) must be a number >= 0")
         if balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss ({balance_loss!r}) must be 'sequence', 'batch' or 'none'")
         self.gamma, self.kind, self.alpha, self.process_group = bias_update_speed, balance_loss, alpha, process_group
+        self.stage_group = stage_group
         self._adds_loss = False
         self._loads: list[torch.Tensor] = []
+
+    def set_process_groups(self, data_parallel: dist.ProcessGroup | None,
+                           pipeline: dist.ProcessGroup | None) -> None:
+        """The load is summed over ``data_parallel`` (unless a group was given), MaxVio over ``pipeline``."""
+        self.process_group = self.process_group if self.process_group is not None else data_parallel
+        self.stage_group = self.stage_group if self.stage_group is not None else pipeline
 
     def extra_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output: Any,
                    step: int) -> dict[str, torch.Tensor]:
@@ -163,9 +181,15 @@ class MoEBalancing(TrainHook):
             self._loads.append(load)
 
     def metrics(self, model: nn.Module, step: int) -> dict[str, float]:
-        if not self._loads:
+        total, count = sum(max_violation(load) for load in self._loads), len(self._loads)
+        if self.stage_group is not None:   # every pipeline rank takes part, also one without MoE layers
+            device = "cuda" if dist.get_backend(self.stage_group) == "nccl" else "cpu"
+            both = torch.tensor([float(total), float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(both, group=self.stage_group)
+            total, count = both.tolist()
+        if not count:
             return {}
-        record = {"maxvio": sum(max_violation(load) for load in self._loads) / len(self._loads)}
+        record = {"maxvio": total / count}
         if not self._adds_loss:
             record["balance_loss"] = 0.0
         return record

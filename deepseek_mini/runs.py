@@ -5,6 +5,7 @@ A run writes into one folder (``TrainConfig.out_dir``; ``--out`` on the command 
     runs/toy/
         checkpoint.pt          the newest state: written after the last step, on Ctrl-C and on an error
         checkpoint-000400.pt   kept every ``checkpoint_every`` steps (none by default)
+        checkpoint.dcp/        a parallel run's checkpoint instead (chapter 06): a folder of shards
         metrics.jsonl          one JSON record per step: train_loss, lr, tokens, val_loss, MaxVio, ...
         loss.png               the loss curves (``plot_losses``; the CLI draws them at the end)
         .lock                  the pid of the process writing the folder, only while it runs
@@ -37,6 +38,13 @@ Each rule below keeps a run from losing or mixing work:
   unique to the process, then ``os.replace`` renames it: a reader, or a run killed mid-write,
   sees the old file or the new one, never half of one. A ``metrics.jsonl`` line cut off by a
   kill is dropped; any other corrupt line is an error naming it.
+* *A parallel run's checkpoint is sharded* (``save_sharded_checkpoint``). Under ``torchrun`` each
+  rank holds part of the model (its pipeline stages, its FSDP shards), so each writes its part
+  with ``torch.distributed.checkpoint`` into ``checkpoint.dcp/`` (``checkpoint-NNNNNN.dcp/``), keyed
+  by the whole model's parameter names, and rank 0 adds ``run.pt`` with the rest (step, configs,
+  history, sampler and RNG states). The shards load into any layout (another ``--pp``, more or
+  fewer processes), so a run saved on 4 processes resumes on 2. The folder is written under a
+  temporary name and renamed whole, like a file.
 * *A checkpoint is data* (``load_checkpoint``). ``torch.load(weights_only=True)`` accepts only
   tensors and plain Python values; a full unpickler calls whatever functions the file names,
   so a crafted ``.pt`` file could run code. That is why configs are saved as dicts.
@@ -49,6 +57,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import sys
 import uuid
 from dataclasses import asdict, fields, is_dataclass
@@ -60,14 +69,17 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 
-__all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "Stateful",
+__all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "SHARDED_SUFFIX", "RUN_STATE_NAME", "save_sharded_checkpoint",
+           "is_sharded", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "Stateful",
            "atomic_write", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "find_checkpoint",
            "peek_checkpoint", "sampler_state", "config_differences", "same_setting", "RunLock", "run_files",
            "append_metrics", "prepare_folder"]
 
 CHECKPOINT_NAME = "checkpoint.pt"             # the run's newest state: written at the end and on Ctrl-C
 PERIODIC_NAME = "checkpoint-{step:06d}.pt"    # kept every checkpoint_every steps
-PERIODIC_PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+PERIODIC_PATTERN = re.compile(r"checkpoint-(\d+)\.(?:pt|dcp)")
+SHARDED_SUFFIX = ".dcp"                       # a parallel run's checkpoint: a folder of shards (chapter 06)
+RUN_STATE_NAME = "run.pt"                     # inside it: everything but the model and optimizer tensors
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 LOCK_NAME = ".lock"
@@ -147,8 +159,54 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return path
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a parallel run's sharded checkpoint (a ``.dcp`` folder)."""
+    return path.suffix == SHARDED_SUFFIX and path.is_dir()
+
+
+def _remove(path: Path) -> None:
+    """Delete a run file, or a sharded checkpoint's folder."""
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def save_sharded_checkpoint(path: str | Path, write_shards: Callable[[Path], None], is_main: bool,
+                            barrier: Callable[[], None], sampler: Stateful, step: int, model_config: ModelConfig,
+                            train_config: Any, history: dict[str, list[float]],
+                            hooks: dict[str, dict[str, Any]] | None = None, layout: dict[str, Any] | None = None) -> Path:
+    """A parallel run's checkpoint: every rank calls it; ``write_shards(folder)`` writes this rank's
+    shards (``deepseek_mini.parallel.pipeline.save_sharded``), the main rank adds ``run.pt`` (what
+    ``save_checkpoint`` stores, but the model and optimizer, which are in the shards) and renames
+    the temporary folder over ``path``. ``barrier`` waits for every rank."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{step}.tmp")
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    write_shards(tmp)
+    if is_main:
+        state = {"step": step, "model": None, "optimizer": None, "sharded": True, "layout": layout,
+                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                 "model_config": model_config.to_dict(), "train_config": _plain_settings(train_config),
+                 "history": history, "hooks": dict(hooks or {})}
+        atomic_write(tmp / RUN_STATE_NAME, lambda f: torch.save(state, f))
+    barrier()
+    if is_main:
+        old = path.with_name(f".{path.name}.{step}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
+    return path
+
+
 def _torch_load(path: Path, mmap: bool = False) -> Any:
-    """``torch.load`` restricted to tensors and plain data, with one-line errors."""
+    """``torch.load`` restricted to tensors and plain data, with one-line errors (a sharded
+    checkpoint: its ``run.pt``)."""
+    if is_sharded(path):
+        path = path / RUN_STATE_NAME
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -170,7 +228,7 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
         match = PERIODIC_PATTERN.fullmatch(path.name)
         if match:
             found.append((int(match.group(1)), 0, path))
-        elif path.name == CHECKPOINT_NAME:
+        elif path.name in (CHECKPOINT_NAME, Path(CHECKPOINT_NAME).stem + SHARDED_SUFFIX):
             found.append((peek_checkpoint(path)["step"], 1, path))
     return [(step, path) for step, _, path in sorted(found)]
 
@@ -178,12 +236,12 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or the newest checkpoint (highest step) in a run folder."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         found = _checkpoints(path)
         if not found:
             raise ValueError(f"folder {str(path)!r} holds no checkpoint ({CHECKPOINT_NAME} or checkpoint-NNNNNN.pt)")
         return found[-1][1]
-    if not path.is_file():
+    if not path.is_file() and not is_sharded(path):
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     return path
 
@@ -218,6 +276,9 @@ def restore_checkpoint(state: dict[str, Any], model: nn.Module | None = None,
     for label, (asked, saved) in wanted.items():
         if asked and saved is None:
             raise ValueError(f"{source} holds no {label} state to restore (it was saved without one)")
+    if state.get("sharded") and (model is not None or optimizer is not None):
+        raise ValueError(f"{source} is sharded (written by a parallel run): its model and optimizer load with "
+                         "deepseek_mini.parallel.pipeline.load_sharded under torchrun, or resume it with torchrun")
     if model is not None:
         model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -323,8 +384,8 @@ def run_files(folder: Path) -> list[Path]:
     """The files a run writes into its folder (what --overwrite removes)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
-                  or PERIODIC_PATTERN.fullmatch(p.name))
+    names = (CHECKPOINT_NAME, Path(CHECKPOINT_NAME).stem + SHARDED_SUFFIX, METRICS_NAME, PLOT_NAME)
+    return sorted(p for p in folder.iterdir() if p.name in names or PERIODIC_PATTERN.fullmatch(p.name))
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -385,7 +446,7 @@ def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, ove
             if kept is not None:
                 atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
             for _, path in newer:
-                path.unlink()
+                _remove(path)
         return clean
     existing = run_files(out_dir)
     if existing and not overwrite:
@@ -396,7 +457,7 @@ def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, ove
 
     def clean() -> None:
         for path in existing:
-            path.unlink()
+            _remove(path)
     return clean
 
 

@@ -16,8 +16,17 @@ targets, ``y`` is (B, T + D) and the main loss reads ``y[:, :T]``), FP8 the thir
 built); parallelism (06) plugs in the same way, without ``if is_moe`` branches here. ``TrainConfig.compile`` runs
 the training forward and backward through ``torch.compile``.
 
-Honest simplifications for a CPU course: one process (chapter 06 adds pipeline and expert
-parallelism), a fixed batch size (the paper ramps 3072 -> 15360 sequences), FP8 only when
+Parallel runs (chapter 06): under ``torchrun`` the same loop runs on every process
+(``_run_parallel``): the model is cut into pipeline stages (``--pp``, ``--schedule``), each stage is
+sharded over its data-parallel ranks with FSDP2, and each step's loss equals the single-process
+step's on the same global batch (see ``deepseek_mini.parallel``). One GPU per process with NCCL
+when CUDA is available, else gloo on the CPU::
+
+    torchrun --nproc-per-node 4 -m deepseek_mini.train --config toy --pp 2 --schedule dualpipev
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m deepseek_mini.train --pp 4 ...          # on every node; --out on a shared file system
+
+Honest simplifications for a CPU course: a fixed batch size (the paper ramps 3072 -> 15360 sequences), FP8 only when
 asked for (``TrainConfig(fp8=True)``, ``--fp8``, which adds ``FP8Training`` to the default hooks; emulated on a CPU). On CUDA the forward runs under bf16 autocast with float32 master weights.
 
 A run never loses or mixes work. This module keeps each step whole:
@@ -39,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import signal
 import sys
@@ -57,9 +67,10 @@ from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
 from deepseek_mini.hooks import BALANCE_LOSSES, FP8Training, MoEBalancing, MultiTokenPrediction, TrainHook
 from deepseek_mini.model import build_model, check_tokens
-from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, atomic_write,
+from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, SHARDED_SUFFIX, RunLock, append_metrics, atomic_write,
                                 config_differences, find_checkpoint, load_checkpoint, prepare_folder,
-                                restore_checkpoint, same_setting, sampler_state, save_checkpoint)
+                                restore_checkpoint, same_setting, sampler_state, save_checkpoint,
+                                save_sharded_checkpoint)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "MultiTokenPrediction",
            "FP8Training", "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule",
@@ -74,6 +85,7 @@ _SAMPLER = "the data sampler's saved state is for the checkpoint's value"
 _CORPUS = "the corpus depends on it"
 _BALANCE = "the load-balancing recipe is part of the run"
 _MTP = "the MTP loss weight is part of the run"
+SCHEDULES = ("1f1b", "zb1p", "dualpipev", "dualpipe")   # --schedule; see deepseek_mini.parallel.pipeline
 
 
 def _setting(default: Any, help: str, group: str, *, flag: str | None = None, metavar: str | None = None,
@@ -159,13 +171,38 @@ class TrainConfig:
     mtp_lambda_switch: float = _setting(10 / 14.8, "fraction of the steps trained with --mtp-lambda before "
                                                    "--mtp-lambda-late takes over", "mtp", metavar="FRACTION",
                                         fixed=_MTP, shown="10/14.8, V3's 10T of 14.8T tokens")
-
+    # Parallelism (chapter 06; DeepSeek-V3 §3.2). Used under torchrun; a resume may change all four: the
+    # sharded checkpoint loads into any layout and the loss does not depend on it.
+    pp: int = _setting(1, "pipeline-parallel ranks: the model is cut into pp stages (2 pp with dualpipev); the "
+                          "other processes / pp ranks are data parallel (FSDP2)", "parallel", metavar="P")
+    ep: int = _setting(1, "expert-parallel ranks inside the data-parallel group (not available yet: 1)", "parallel",
+                       metavar="E")
+    schedule: str = _setting("1f1b", "pipeline schedule (torch.distributed.pipelining): 1f1b, zb1p "
+                                     "(zero-bubble), dualpipev (2 stages per rank in a V); dualpipe is refused, "
+                                     "use dualpipev", "parallel", choices=SCHEDULES)
+    n_microbatches: int = _setting(0, "micro-batches per step and data-parallel rank; each rank's share of "
+                                      "--batch-size must divide into them", "parallel", metavar="M",
+                                   shown="the schedule's minimum: the number of stages")
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "n_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("pp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.schedule == "dualpipe":
+            raise ValueError("schedule 'dualpipe' (two directions, every rank holding two copies of its stages) has "
+                             "no torch.distributed.pipelining schedule; use 'dualpipev', its V-shaped variant with "
+                             "the same bubble and one copy of the weights")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule ({self.schedule!r}) must be '1f1b', 'zb1p' or 'dualpipev'")
+        if self.ep != 1:
+            raise ValueError(f"ep ({self.ep}) > 1 is not available yet: expert parallelism plugs "
+                             "deepseek_mini.parallel.expert.AllToAllDispatcher into MoE.dispatcher (chapter 06); "
+                             "use ep 1")
+        for name in ("warmup_steps", "checkpoint_every", "seed", "n_microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} ({value!r}) must be an integer >= 0")
@@ -243,6 +280,8 @@ class TrainResult:
     elapsed_s: float = 0.0
     start_step: int = 0               # the checkpoint's step when resumed, else 0
     hooks: list[TrainHook] = field(default_factory=list)
+    layout: str | None = None         # a parallel run's layout ("pp 2 x dp 2, dualpipev, 4 micro-batches"): ``model``
+                                      # then holds this rank's stages only
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -355,6 +394,7 @@ class _Plan:
     overwrite: bool
     cli: bool
     hooks: list[TrainHook]
+    parallel: bool = False            # run under torchrun: ``_run_parallel``
 
 
 def _check_hooks(hooks: Sequence[TrainHook], state: dict[str, Any] | None, checkpoint: Path | None,
@@ -388,7 +428,8 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     if resume is not None:
         checkpoint = find_checkpoint(resume)
         state = load_checkpoint(checkpoint)
-        missing = [k for k in ("optimizer", "torch_rng", "history") if state.get(k) is None]
+        needed = ("torch_rng", "history") if state.get("sharded") else ("optimizer", "torch_rng", "history")
+        missing = [k for k in needed if state.get(k) is None]   # a sharded checkpoint's optimizer is in its shards
         if missing or sampler_state(state) is None:
             raise ValueError(f"checkpoint {str(checkpoint)!r} holds no {', '.join(missing or ['sampler'])} state: "
                              "it was not written by deepseek_mini.train, so it cannot be resumed")
@@ -429,7 +470,41 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {str(out_dir)!r} is a file, not a folder; choose another path")
     hooks = _check_hooks(default_hooks(cfg) if hooks is None else hooks, state, checkpoint, model_config)
-    return _Plan(model_config, cfg, select_device(cfg.device), state, checkpoint, out_dir, overwrite, cli, hooks)
+    parallel = _check_parallel(cfg, model_config, state, checkpoint)
+    device = select_device("cpu" if parallel else cfg.device)   # a parallel run's device follows its rank
+    return _Plan(model_config, cfg, device, state, checkpoint, out_dir, overwrite, cli, hooks, parallel)
+
+
+def _check_parallel(cfg: TrainConfig, model_config: ModelConfig, state: dict[str, Any] | None,
+                    checkpoint: Path | None) -> bool:
+    """Whether the run is parallel (under torchrun, or asked for with pp > 1), and what it refuses."""
+    from deepseek_mini.parallel.distributed import launched_by_torchrun   # no torch.distributed set-up here
+
+    parallel = launched_by_torchrun() or cfg.pp > 1
+    if parallel and not launched_by_torchrun():
+        raise ValueError(f"pp {cfg.pp} needs {cfg.pp} or more processes: launch with torchrun, e.g. 'torchrun "
+                         f"--nproc-per-node {cfg.pp} -m deepseek_mini.train --pp {cfg.pp} ...'")
+    sharded = state is not None and bool(state.get("sharded"))
+    if sharded and not parallel:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} is sharded (written by a parallel run): resume it under "
+                         "torchrun, in any layout ('torchrun --nproc-per-node 1 -m deepseek_mini.train --resume ...' "
+                         "works)")
+    if not parallel:
+        return False
+    if state is not None and not sharded:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} was written by a single-process run: resume it without "
+                         "torchrun (a parallel run reads only sharded .dcp checkpoints)")
+    if cfg.pp > 1 and model_config.num_nextn_predict_layers:
+        raise ValueError("MTP (num_nextn_predict_layers > 0) is not supported with pp > 1: its modules need the "
+                         "embedding of the first stage and the head of the last; use --pp 1 (data parallel) or "
+                         "--mtp-depth 0")
+    if cfg.balance_loss == "batch" and cfg.balance_loss_alpha and model_config.n_routed_experts:
+        raise ValueError("balance_loss 'batch' is not supported in a parallel run: its f_i P_i over a split batch "
+                         "(micro-batches, data-parallel ranks) is not the whole batch's; use 'sequence' (V3's) or "
+                         "'none'")
+    if cfg.compile:
+        raise ValueError("compile is not supported in a parallel run yet; drop --compile")
+    return True
 
 
 class _StopRequest:
@@ -472,6 +547,8 @@ def _add(record: dict[str, Any], values: dict[str, Any], hook: TrainHook, what: 
 
 def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResult:
     """The training loop (the caller holds the folder's lock)."""
+    if plan.parallel:
+        return _run_parallel(plan, data)
     cfg, model_config, device, state, out_dir = plan.cfg, plan.model_config, plan.device, plan.state, plan.out_dir
     hooks = plan.hooks
     start_step = state["step"] if state is not None else 0
@@ -604,6 +681,148 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                        elapsed_s=time.perf_counter() - started, start_step=start_step, hooks=hooks)
 
 
+def _reduce(values: dict[str, Any], ctx: Any, divide_by: int | None = None) -> dict[str, float]:
+    """Sum each named value over every rank and divide by ``divide_by`` (None: by the number of
+    ranks that have it). Ranks may hold different names (a stage without MoE layers has no
+    balance loss), so the names are gathered first."""
+    import torch.distributed as dist
+
+    names: list[list[str]] = [[] for _ in range(ctx.world)]
+    dist.all_gather_object(names, sorted(values))
+    keys = sorted(set().union(*names))
+    both = torch.tensor([[float(values[k]) if k in values else 0.0 for k in keys],
+                         [1.0 if k in values else 0.0 for k in keys]], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(both)
+    return {k: both[0, i].item() / (divide_by or both[1, i].item()) for i, k in enumerate(keys)}
+
+
+def _run_parallel(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResult:
+    """The loop of ``_run`` on every rank of a ``torchrun`` launch (chapter 06).
+
+    Every rank draws the same global batch (same seed) and takes its data-parallel share; the
+    pipeline schedule runs the forward and backward of this rank's stages over the micro-batches;
+    the gradients are averaged over the data-parallel ranks (FSDP2) and clipped by the global
+    norm; AdamW steps each rank's shards. The logged numbers are the whole batch's (summed over
+    the ranks), rank 0 writes ``metrics.jsonl``, and every rank writes its shards of the
+    checkpoint (``checkpoint.dcp``). Ctrl-C or a failure stops every rank (torchrun ends the
+    group) without saving: resume from the newest checkpoint (``--checkpoint-every``).
+    """
+    import torch.distributed as dist
+
+    from deepseek_mini.parallel.distributed import init_distributed
+    from deepseek_mini.parallel.pipeline import (PipelineRunner, clip_grad_norm, default_microbatches, load_sharded,
+                                                 save_sharded)
+
+    cfg, model_config, state, out_dir, hooks = plan.cfg, plan.model_config, plan.state, plan.out_dir, plan.hooks
+    ctx = init_distributed(cfg.pp, cfg.ep)
+    n_micro = cfg.n_microbatches or default_microbatches(cfg.schedule, cfg.pp)
+    share, rest = divmod(cfg.batch_size, ctx.dp)
+    if rest or share % n_micro:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must split into {ctx.dp} data-parallel shares of "
+                         f"{n_micro} equal micro-batches (world {ctx.world} / pp {cfg.pp} = dp {ctx.dp}): use a "
+                         f"multiple of {ctx.dp * n_micro}")
+    start_step = state["step"] if state is not None else 0
+    problem, clean_folder = None, None
+    if ctx.is_main and out_dir is not None:   # rank 0 owns the folder; the others learn whether it is usable
+        try:
+            clean_folder = prepare_folder(out_dir, plan.checkpoint, start_step, plan.overwrite, plan.cli)
+        except ValueError as exc:
+            problem = str(exc)
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise ValueError(shared[0])
+    torch.manual_seed(cfg.seed)
+    train_stream, val_stream = data if data is not None else make_datasets(cfg.data, cfg.n_docs, cfg.seed)
+    for name, stream in (("training", train_stream), ("validation", val_stream)):
+        try:
+            check_tokens(stream.tokens, model_config.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"the {name} data does not fit the model: {exc}") from None
+    # The whole model, seeded, on every rank: the stages then hold exactly the single-process weights.
+    model = build_model(model_config, device=ctx.device, seed=cfg.seed)
+    for hook in hooks:
+        hook.prepare_model(model)
+        hook.set_process_groups(ctx.dp_group, ctx.pp_group)
+    depth = model_config.num_nextn_predict_layers
+    runner = PipelineRunner(ctx, model, cfg.schedule, n_micro, (share, cfg.seq_len, depth), hooks)
+    del model
+    stages = runner.models
+    optimizer = _make_optimizer(stages, cfg)
+    batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed, extra_targets=depth)
+    val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    history: dict[str, list[float]] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "val_loss": []}
+    if state is not None:
+        load_sharded(plan.checkpoint, stages, optimizer)
+        restore_checkpoint(state, sampler=batcher, rng=True)
+        for hook in hooks:
+            hook.load_state_dict((state.get("hooks") or {}).get(hook.name, {}))
+        history = state["history"]
+    plan.state = state = None
+    dist.barrier()
+    if clean_folder is not None:
+        clean_folder()
+    mine = slice(ctx.dp_rank * share, (ctx.dp_rank + 1) * share)   # this rank's rows of the global batch
+    layout = f"pp {ctx.pp} x dp {ctx.dp}, {cfg.schedule}, {n_micro} micro-batches"
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
+               desc=f"train {layout} on {ctx.world} x {ctx.device.type}", unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+
+    def save(name: str, step: int) -> None:
+        save_sharded_checkpoint(out_dir / name, lambda folder: save_sharded(folder, stages, optimizer), ctx.is_main,
+                                dist.barrier, batcher, step, model_config, cfg, history,
+                                hooks={hook.name: hook.state_dict() for hook in hooks},
+                                layout={"pp": ctx.pp, "dp": ctx.dp, "schedule": cfg.schedule})
+
+    for step in range(start_step + 1, cfg.steps + 1):
+        lr = lr_schedule(step - 1, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y, _ = batcher.next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        loss, extra = runner.step(x[mine].to(ctx.device), y[mine].to(ctx.device), step)
+        for hook in hooks:
+            hook.after_backward(stages, step)
+        clip_grad_norm(list(stages.parameters()), cfg.grad_clip, ctx)
+        optimizer.step()
+        for hook in hooks:
+            hook.after_optimizer_step(stages, step)
+        metrics: dict[str, Any] = {}
+        for hook in hooks:
+            _add(metrics, hook.metrics(stages, step), hook, "logs the metric")
+        # the whole batch's numbers: losses are means over equal shares (sum / dp); an extra loss is summed
+        # over the stages that add it; a metric is the mean of the ranks reporting it
+        losses = _reduce({"train_loss": loss.item()} if loss is not None else {}, ctx, divide_by=ctx.dp)
+        extras = _reduce({k: v.item() for k, v in extra.items()}, ctx, divide_by=ctx.dp)
+        metrics = {k: v for k, v in _reduce(metrics, ctx).items() if k not in extras}
+        record: dict[str, Any] = {"step": step, "train_loss": losses["train_loss"], "lr": lr,
+                                  "tokens": step * cfg.batch_size * cfg.seq_len, **metrics, **extras}
+        for key in record:
+            if key != "tokens":
+                history.setdefault(key, []).append(record[key])
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            total = 0.0
+            for vx, vy, _ in val_batches:
+                part = runner.eval_loss(vx[mine].to(ctx.device), vy[mine].to(ctx.device))
+                total += _reduce({"val": part.item()} if part is not None else {}, ctx, divide_by=ctx.dp)["val"]
+            record["val_loss"] = total / len(val_batches)
+            history["eval_step"].append(step)
+            history["val_loss"].append(record["val_loss"])
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
+        if ctx.is_main:
+            append_metrics(out_dir, record)
+        if out_dir is not None:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save(PERIODIC_NAME.format(step=step).replace(".pt", SHARDED_SUFFIX), step)
+            if step == cfg.steps:
+                save(CHECKPOINT_NAME.replace(".pt", SHARDED_SUFFIX), step)
+        bar.update(1)
+    bar.close()
+    return TrainResult(model=stages, history=history, model_config=model_config, train_config=cfg,
+                       unigram_entropy=unigram_entropy(train_stream), device=str(ctx.device), out_dir=out_dir,
+                       elapsed_s=time.perf_counter() - started, start_step=start_step, hooks=hooks, layout=layout)
+
+
 def train(model_config: ModelConfig | str | None, train_config: TrainConfig | None = None, *,
           data: tuple[TokenStream, TokenStream] | None = None, resume: str | Path | None = None,
           overwrite: bool = False, hooks: Sequence[TrainHook] | None = None) -> TrainResult:
@@ -632,8 +851,16 @@ def train(model_config: ModelConfig | str | None, train_config: TrainConfig | No
     step before propagating.
     """
     plan = _plan(model_config, train_config, resume, overwrite, hooks=hooks)
-    with RunLock(plan.out_dir) if plan.out_dir is not None else contextlib.nullcontext():
+    with _lock(plan):
         return _run(plan, data)
+
+
+def _lock(plan: _Plan):
+    """The run folder's lock; in a parallel run only rank 0 writes the folder and holds it."""
+    from deepseek_mini.parallel.distributed import launched_by_torchrun
+
+    main_rank = not (plan.parallel and launched_by_torchrun()) or int(os.environ["RANK"]) == 0
+    return RunLock(plan.out_dir) if plan.out_dir is not None and main_rank else contextlib.nullcontext()
 
 
 def plot_losses(result: TrainResult, path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -36,10 +37,10 @@ from deepseek_mini.config import ModelConfig, load_config, preset_names
 from deepseek_mini.data import EOS_ID, ByteTokenizer
 from deepseek_mini.generate import generate
 from deepseek_mini.model import count_parameters
-from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, RunLock, config_differences, find_checkpoint,
+from deepseek_mini.runs import (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, config_differences, find_checkpoint,
                                 peek_checkpoint, same_setting)
-from deepseek_mini.train import (DEFAULT_OUT, RESUME_FIXED, TrainConfig, TrainingInterrupted, TrainResult, _flag, _plan,
-                                 _run, _saved_train_config, plot_losses)
+from deepseek_mini.train import (DEFAULT_OUT, RESUME_FIXED, TrainConfig, TrainingInterrupted, TrainResult, _flag, _lock,
+                                 _plan, _run, _saved_train_config, plot_losses)
 
 __all__ = ["main"]
 
@@ -56,6 +57,7 @@ _GROUPS = {   # TrainConfig declarations' groups -> titles, in --help order ("mo
     "mtp": "multi-token prediction (DeepSeek-V3 §2.2, §4.2; the lambdas act only when D > 0)",
     "data": "data",
     "output": "output",
+    "parallel": "parallel (under torchrun: one process per GPU, or gloo processes on a CPU; chapter 06)",
 }
 _ARG_TYPES = {"int": int, "float": float}   # TrainConfig annotations (strings: `from __future__ import annotations`)
 
@@ -88,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
                "  python -m deepseek_mini.train --resume runs/toy --steps 1600   # train a finished run further\n"
                "  python -m deepseek_mini.train --mtp-depth 1 --out runs/mtp   # the toy + one MTP module (chapter 04)\n"
                "  python -m deepseek_mini.train --config mini --device cuda --steps 5000 --out runs/mini\n"
+               "  torchrun --nproc-per-node 4 -m deepseek_mini.train --pp 2 --schedule dualpipev --out runs/pp\n"
+               "  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
+               "      -m deepseek_mini.train --pp 4 --out /shared/runs/big   # on every node\n"
+               "\n"
+               "Under torchrun the run is parallel: --pp stages (pipeline), the other processes / pp ranks\n"
+               "data parallel (FSDP2); NCCL with one GPU per process when CUDA is available, else gloo on\n"
+               "the CPU. Each step's loss equals one process's on the same --batch-size; checkpoints are\n"
+               "sharded (checkpoint.dcp/) and resume under any layout (another --pp, more processes).\n"
                "\n"
                "A folder that holds a run is never silently replaced: pass --overwrite, --resume it or\n"
                "choose another --out. --resume restores the checkpoint's model and settings; a flag that\n"
@@ -192,9 +202,14 @@ def _print_samples(result: TrainResult, n: int) -> None:
 
 
 def _report(result: TrainResult, samples: int) -> None:
-    """Summary, then the files (written first), then samples: a failing sample loses nothing."""
+    """Summary, then the files (written first), then samples: a failing sample loses nothing.
+    A parallel run's model is spread over the ranks, so it reports from rank 0 and samples nothing."""
     cfg, h, out = result.train_config, result.history, result.out_dir
-    print(f"\nmodel: {count_parameters(result.model)}")
+    if result.layout is not None and os.environ.get("RANK", "0") != "0":
+        return
+    print(f"\nmodel: {count_parameters(result.model_config if result.layout else result.model)}")
+    if result.layout is not None:
+        print(f"parallel: {result.layout}")
     trained = f"steps {result.start_step + 1}-{cfg.steps}" if result.start_step else f"{cfg.steps} steps"
     print(f"trained {trained} in {result.elapsed_s:.0f} s on {result.device}")
     val = h["val_loss"][-1]
@@ -212,8 +227,10 @@ def _report(result: TrainResult, samples: int) -> None:
     plot = plot_losses(result, out / PLOT_NAME)
     print(f"\nloss plot:  {plot}")
     print(f"metrics:    {out / METRICS_NAME}")
-    print(f"checkpoint: {out / CHECKPOINT_NAME}")
-    if samples:
+    print(f"checkpoint: {out / (CHECKPOINT_NAME if result.layout is None else 'checkpoint.dcp')}")
+    if samples and result.layout is not None:
+        print("\nsamples: skipped (the model is spread over the ranks)")
+    elif samples:
         _print_samples(result, samples)
 
 
@@ -249,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(exc, EXIT_FAILED)
     out = shlex.quote(str(plan.out_dir))
     try:
-        with RunLock(plan.out_dir):
+        with _lock(plan):
             result = _run(plan, data=None)
             _report(result, samples)
     except TrainingInterrupted as exc:
