@@ -17,12 +17,13 @@ built); parallelism (06) plugs in the same way, without ``if is_moe`` branches h
 the training forward and backward through ``torch.compile``.
 
 Parallel runs (chapter 06): under ``torchrun`` the same loop runs on every process
-(``_run_parallel``): the model is cut into pipeline stages (``--pp``, ``--schedule``), each stage is
-sharded over its data-parallel ranks with FSDP2, and each step's loss equals the single-process
-step's on the same global batch (see ``deepseek_mini.parallel``). One GPU per process with NCCL
-when CUDA is available, else gloo on the CPU::
+(``_run_parallel``): the model is cut into pipeline stages (``--pp``, ``--schedule``), each stage's
+MoE layers split their routed experts over groups of ``--ep`` of its data-parallel ranks, the rest
+is sharded over its data-parallel ranks with FSDP2, and each step's loss equals the
+single-process step's on the same global batch (see ``deepseek_mini.parallel``). One GPU per
+process with NCCL when CUDA is available, else gloo on the CPU::
 
-    torchrun --nproc-per-node 4 -m deepseek_mini.train --config toy --pp 2 --schedule dualpipev
+    torchrun --nproc-per-node 4 -m deepseek_mini.train --config toy --pp 2 --ep 2 --schedule dualpipev
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         -m deepseek_mini.train --pp 4 ...          # on every node; --out on a shared file system
 
@@ -175,8 +176,9 @@ class TrainConfig:
     # sharded checkpoint loads into any layout and the loss does not depend on it.
     pp: int = _setting(1, "pipeline-parallel ranks: the model is cut into pp stages (2 pp with dualpipev); the "
                           "other processes / pp ranks are data parallel (FSDP2)", "parallel", metavar="P")
-    ep: int = _setting(1, "expert-parallel ranks inside the data-parallel group (not available yet: 1)", "parallel",
-                       metavar="E")
+    ep: int = _setting(1, "expert-parallel ranks: groups of E consecutive data-parallel ranks of a stage split "
+                          "every MoE layer's routed experts and exchange tokens with an all-to-all; E divides "
+                          "processes / pp", "parallel", metavar="E")
     schedule: str = _setting("1f1b", "pipeline schedule (torch.distributed.pipelining): 1f1b, zb1p "
                                      "(zero-bubble), dualpipev (2 stages per rank in a V); dualpipe is refused, "
                                      "use dualpipev", "parallel", choices=SCHEDULES)
@@ -198,10 +200,6 @@ class TrainConfig:
                              "the same bubble and one copy of the weights")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule ({self.schedule!r}) must be '1f1b', 'zb1p' or 'dualpipev'")
-        if self.ep != 1:
-            raise ValueError(f"ep ({self.ep}) > 1 is not available yet: expert parallelism plugs "
-                             "deepseek_mini.parallel.expert.AllToAllDispatcher into MoE.dispatcher (chapter 06); "
-                             "use ep 1")
         for name in ("warmup_steps", "checkpoint_every", "seed", "n_microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -328,12 +326,17 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm gains, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, apart: Sequence[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norm gains, biases) do not. ``apart``: matrices kept in a
+    group of their own (a parallel run's expert slices, plain tensors among FSDP2's DTensors: one
+    group's foreach update cannot mix the two kinds)."""
+    kept = {id(p) for p in apart}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in kept]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if apart:
+        groups.append({"params": [p for p in apart if p.requires_grad], "weight_decay": cfg.weight_decay})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -477,23 +480,30 @@ def _plan(model_config: ModelConfig | str | None, train_config: TrainConfig | No
 
 def _check_parallel(cfg: TrainConfig, model_config: ModelConfig, state: dict[str, Any] | None,
                     checkpoint: Path | None) -> bool:
-    """Whether the run is parallel (under torchrun, or asked for with pp > 1), and what it refuses."""
-    from deepseek_mini.parallel.distributed import launched_by_torchrun   # no torch.distributed set-up here
+    """Whether the run is parallel (under torchrun, or asked for with pp > 1 or ep > 1), and what it refuses."""
+    from deepseek_mini.parallel.distributed import launched_by_torchrun, mesh_shape   # no process group set up here
 
-    parallel = launched_by_torchrun() or cfg.pp > 1
-    if parallel and not launched_by_torchrun():
-        raise ValueError(f"pp {cfg.pp} needs {cfg.pp} or more processes: launch with torchrun, e.g. 'torchrun "
-                         f"--nproc-per-node {cfg.pp} -m deepseek_mini.train --pp {cfg.pp} ...'")
     sharded = state is not None and bool(state.get("sharded"))
-    if sharded and not parallel:
+    if sharded and not launched_by_torchrun():
         raise ValueError(f"checkpoint {str(checkpoint)!r} is sharded (written by a parallel run): resume it under "
-                         "torchrun, in any layout ('torchrun --nproc-per-node 1 -m deepseek_mini.train --resume ...' "
-                         "works)")
+                         "torchrun, in any layout ('torchrun --nproc-per-node 1 -m deepseek_mini.train --resume ... "
+                         "--pp 1 --ep 1' works)")
+    parallel = launched_by_torchrun() or cfg.pp > 1 or cfg.ep > 1
+    if parallel and not launched_by_torchrun():
+        n = cfg.pp * cfg.ep
+        raise ValueError(f"pp {cfg.pp} x ep {cfg.ep} needs {n} or more processes: launch with torchrun, e.g. "
+                         f"'torchrun --nproc-per-node {n} -m deepseek_mini.train --pp {cfg.pp} --ep {cfg.ep} ...'")
     if not parallel:
         return False
     if state is not None and not sharded:
         raise ValueError(f"checkpoint {str(checkpoint)!r} was written by a single-process run: resume it without "
                          "torchrun (a parallel run reads only sharded .dcp checkpoints)")
+    mesh_shape(int(os.environ["WORLD_SIZE"]), cfg.pp, cfg.ep)     # pp divides N, ep divides N / pp
+    if cfg.ep > 1 and not model_config.n_routed_experts:
+        raise ValueError(f"ep {cfg.ep} splits routed experts, and this model has none (a dense model): use --ep 1")
+    if cfg.ep > 1 and model_config.n_routed_experts % cfg.ep:
+        raise ValueError(f"n_routed_experts ({model_config.n_routed_experts}) must be divisible by ep ({cfg.ep}): "
+                         "every expert-parallel rank holds the same number of experts")
     if cfg.pp > 1 and model_config.num_nextn_predict_layers:
         raise ValueError("MTP (num_nextn_predict_layers > 0) is not supported with pp > 1: its modules need the "
                          "embedding of the first stage and the head of the last; use --pp 1 (data parallel) or "
@@ -700,9 +710,12 @@ def _run_parallel(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> 
     """The loop of ``_run`` on every rank of a ``torchrun`` launch (chapter 06).
 
     Every rank draws the same global batch (same seed) and takes its data-parallel share; the
-    pipeline schedule runs the forward and backward of this rank's stages over the micro-batches;
-    the gradients are averaged over the data-parallel ranks (FSDP2) and clipped by the global
-    norm; AdamW steps each rank's shards. The logged numbers are the whole batch's (summed over
+    pipeline schedule runs the forward and backward of this rank's stages over the micro-batches
+    (with ep > 1 the MoE layers exchange rows with the other ranks of the EP group); the
+    gradients are averaged over the data-parallel ranks (FSDP2; the expert slices over the ranks
+    holding the same experts, ``PipelineRunner.sync_expert_grads``) and clipped by the global
+    norm; AdamW steps each rank's shards and slices. MoE biases move by the load summed over all
+    dp ranks of the stage, the EP ranks included (``MoEBalancing`` gets the stage's dp group). The logged numbers are the whole batch's (summed over
     the ranks), rank 0 writes ``metrics.jsonl``, and every rank writes its shards of the
     checkpoint (``checkpoint.dcp``). Ctrl-C or a failure stops every rank (torchrun ends the
     group) without saving: resume from the newest checkpoint (``--checkpoint-every``).
@@ -748,12 +761,12 @@ def _run_parallel(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> 
     runner = PipelineRunner(ctx, model, cfg.schedule, n_micro, (share, cfg.seq_len, depth), hooks)
     del model
     stages = runner.models
-    optimizer = _make_optimizer(stages, cfg)
+    optimizer = _make_optimizer(stages, cfg, apart=runner.expert_params)
     batcher = Batcher(train_stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed, extra_targets=depth)
     val_batches = eval_batches(val_stream, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     history: dict[str, list[float]] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "val_loss": []}
     if state is not None:
-        load_sharded(plan.checkpoint, stages, optimizer)
+        load_sharded(plan.checkpoint, stages, optimizer, ctx.ep_mesh)
         restore_checkpoint(state, sampler=batcher, rng=True)
         for hook in hooks:
             hook.load_state_dict((state.get("hooks") or {}).get(hook.name, {}))
@@ -763,16 +776,17 @@ def _run_parallel(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> 
     if clean_folder is not None:
         clean_folder()
     mine = slice(ctx.dp_rank * share, (ctx.dp_rank + 1) * share)   # this rank's rows of the global batch
-    layout = f"pp {ctx.pp} x dp {ctx.dp}, {cfg.schedule}, {n_micro} micro-batches"
+    layout = (f"pp {ctx.pp} x dp {ctx.dp}" + (f" (ep {ctx.ep} x {ctx.edp})" if ctx.ep > 1 else "")
+              + f", {cfg.schedule}, {n_micro} micro-batches")
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
                desc=f"train {layout} on {ctx.world} x {ctx.device.type}", unit="step", dynamic_ncols=True)
     started = time.perf_counter()
 
     def save(name: str, step: int) -> None:
-        save_sharded_checkpoint(out_dir / name, lambda folder: save_sharded(folder, stages, optimizer), ctx.is_main,
-                                dist.barrier, batcher, step, model_config, cfg, history,
+        save_sharded_checkpoint(out_dir / name, lambda folder: save_sharded(folder, stages, optimizer, ctx.ep_mesh),
+                                ctx.is_main, dist.barrier, batcher, step, model_config, cfg, history,
                                 hooks={hook.name: hook.state_dict() for hook in hooks},
-                                layout={"pp": ctx.pp, "dp": ctx.dp, "schedule": cfg.schedule})
+                                layout={"pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep, "schedule": cfg.schedule})
 
     for step in range(start_step + 1, cfg.steps + 1):
         lr = lr_schedule(step - 1, cfg)
@@ -783,7 +797,7 @@ def _run_parallel(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> 
         loss, extra = runner.step(x[mine].to(ctx.device), y[mine].to(ctx.device), step)
         for hook in hooks:
             hook.after_backward(stages, step)
-        clip_grad_norm(list(stages.parameters()), cfg.grad_clip, ctx)
+        clip_grad_norm(list(stages.parameters()), cfg.grad_clip, ctx, runner.expert_params)
         optimizer.step()
         for hook in hooks:
             hook.after_optimizer_step(stages, step)

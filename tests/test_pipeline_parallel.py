@@ -1,13 +1,15 @@
-"""Pipeline stages on torch.distributed.pipelining (deepseek_mini.parallel.pipeline) and the test launcher.
+"""Pipeline stages on torch.distributed.pipelining (deepseek_mini.parallel.pipeline), with expert
+parallelism inside the stages, and the (pp, edp, ep) mesh.
 
-The multi-process tests start gloo processes with ``spawn`` (a time limit, a clear message on a
-hang or a failure) and compare one schedule step with the single-process model: the loss and
-every parameter's gradient, with a balance loss large enough that losing it would show.
+One spawn of 4 gloo processes (``run_workers``: a time limit, a clear message on a hang or a
+failure) compares one schedule step of several layouts with the single-process model: the loss,
+the balance loss, every parameter's gradient (each rank's expert slices against the matching
+rows of the whole stacks) and the global gradient norm, with a balance loss large enough that
+losing it would show. Gradients, not losses, catch a wrong expert-gradient scale: AdamW's update
+hardly changes when one parameter's gradient is scaled.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -16,9 +18,10 @@ import torch.nn.functional as F
 from deepseek_mini.config import load_config
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.model import build_model
-from deepseek_mini.parallel.distributed import init_distributed, spawn
+from deepseek_mini.parallel.distributed import init_distributed, mesh_shape
+from deepseek_mini.parallel.launch import run_workers
 from deepseek_mini.parallel.pipeline import (AddLoss, PipelineRunner, clip_grad_norm, default_microbatches,
-                                             split_layers, stage_placement, stages_per_rank)
+                                             sharded_experts, split_layers, stage_placement, stages_per_rank)
 
 ALPHA = 0.05   # the balance loss weight: large, so a lost balance loss changes the gradients visibly
 
@@ -60,59 +63,59 @@ def _reference(x: torch.Tensor, y: torch.Tensor):
     return lm.item(), balance.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def _check_schedules(layouts: list[tuple[int, str, int]]) -> None:
-    """On each rank: for each (pp, schedule, micro-batches), one schedule step equals the single process."""
+def _check_schedules(rank: int, world_size: int, layouts: list[tuple[int, int, str, int]]) -> None:
+    """On each rank: for each (pp, ep, schedule, micro-batches), one schedule step equals the single process."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 260, (4, 16), generator=g)
-    y = torch.randint(0, 260, (4, 16), generator=g)
+    x = torch.randint(0, 260, (8, 16), generator=g)
+    y = torch.randint(0, 260, (8, 16), generator=g)
     lm, balance, grads = _reference(x, y)
-    for pp, schedule, n_micro in layouts:
-        ctx = init_distributed(pp=pp)
+    for pp, ep, schedule, n_micro in layouts:
+        ctx = init_distributed(pp=pp, ep=ep)
         share = x.shape[0] // ctx.dp
         mine = slice(ctx.dp_rank * share, (ctx.dp_rank + 1) * share)
         runner = PipelineRunner(ctx, build_model(load_config("toy"), seed=0), schedule, n_micro, (share, 16, 0),
                                 [MoEBalancing(0.001, "sequence", ALPHA)])
         loss, extra = runner.step(x[mine], y[mine], 1)
-        what = f"{schedule} pp {pp} dp {ctx.dp}, rank {ctx.rank}"
+        what = f"{schedule} pp {pp} dp {ctx.dp} ep {ep}, rank {ctx.rank}"
         if runner.is_last and ctx.dp == 1:
             assert abs(loss.item() - lm) < 1e-5 * lm, f"{what}: loss {loss.item()} vs {lm}"
         parts = torch.tensor([extra.get("balance_loss", torch.tensor(0.0)).item()])
         torch.distributed.all_reduce(parts)
         assert abs(parts.item() / ctx.dp - balance) < 1e-5 * balance, f"{what}: balance {parts.item()} vs {balance}"
-        params = list(runner.models.parameters())
+        experts = sharded_experts(runner.models)
+        assert len(experts) == (3 * sum(1 for m in runner.models for n, _ in m.named_parameters()
+                                        if n.endswith("experts.w1")) if ep > 1 else 0), f"{what}: expert slices"
         for model in runner.models:
             for name, p in model.named_parameters():
                 grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                err = (grad - grads[name]).abs().max() / grads[name].abs().max()
+                want = grads[name]
+                if name in experts:                       # this rank's slice of the whole stack
+                    per_rank = want.shape[0] // ep
+                    assert grad.shape[0] == per_rank, f"{what}: {name} holds {grad.shape[0]} experts"
+                    want = want[ctx.ep_rank * per_rank:(ctx.ep_rank + 1) * per_rank]
+                err = (grad - want).abs().max() / want.abs().max()
                 assert err < 1e-4, f"{what}: gradient of {name} differs by {err:.2e} (relative)"
-        norm = clip_grad_norm(params, 1e9, ctx)
+        norm = clip_grad_norm(list(runner.models.parameters()), 1e9, ctx, runner.expert_params)
         whole = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         assert abs(norm.item() - whole.item()) < 1e-4 * whole.item(), f"{what}: grad norm {norm} vs {whole}"
 
 
 def test_schedules_equal_one_process():
-    """pp 2 with 1F1B, ZB1P and DualPipeV (4 stages), and pp 1 with FSDP2 over dp 2: loss, balance
-    loss, every gradient and the global gradient norm equal the single-process model's."""
-    spawn(_check_schedules, 2, [(2, "1f1b", 2), (2, "zb1p", 2), (2, "dualpipev", 4), (1, "1f1b", 2)],
-          timeout_s=120)
+    """On 4 processes: pp 2 x dp 2 with 1F1B and ZB1P; pp 2 x dp 2 as one EP group of 2 with DualPipeV
+    (4 stages); pp 1 x dp 4 as two EP groups of 2 (each expert slice on 2 ranks: its gradient is
+    summed over them). Loss, balance loss, every gradient and the global gradient norm equal the
+    single-process model's."""
+    run_workers(_check_schedules, 4, [(2, 1, "1f1b", 2), (2, 1, "zb1p", 2), (2, 2, "dualpipev", 4),
+                                      (1, 2, "1f1b", 2)], timeout=120)
 
 
-def _fail_on_rank_zero() -> None:
-    import os
-    if os.environ["RANK"] == "0":
-        raise ValueError("planted failure")
-    time.sleep(60)
-
-
-def _hang() -> None:
-    time.sleep(60)
-
-
-def test_spawn_reports_a_failing_rank():
-    with pytest.raises(RuntimeError, match="(?s)rank 0 of 2 failed.*ValueError: planted failure"):
-        spawn(_fail_on_rank_zero, 2, timeout_s=60)
-
-
-def test_spawn_kills_a_hang():
-    with pytest.raises(TimeoutError, match="did not finish in 2 s"):
-        spawn(_hang, 2, timeout_s=2)
+def test_mesh_shape():
+    assert mesh_shape(8, pp=2, ep=2) == (2, 2, 2)      # rank = pp_rank * 4 + edp_rank * 2 + ep_rank
+    assert mesh_shape(4, pp=1, ep=4) == (1, 1, 4)
+    with pytest.raises(ValueError, match=r"^pp \(3\) must divide the number of processes \(4\)"):
+        mesh_shape(4, pp=3)
+    with pytest.raises(ValueError, match=r"^ep \(4\) must divide the data-parallel ranks of a stage "
+                                         r"\(processes 4 / pp 2 = 2\)"):
+        mesh_shape(4, pp=2, ep=4)
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        mesh_shape(4, ep=0)

@@ -10,11 +10,13 @@ model from outside.
   forward/backward chunk pair (attention, dispatch, MLP, combine, PP send; Figure 4);
 * ``deepseek_mini.parallel.expert``: expert parallelism, the MoE exchange as an all-to-all
   (``AllToAllDispatcher``, ``shard_experts``) and the traffic of node-limited routing;
-* ``deepseek_mini.parallel.distributed``: process groups from ``torchrun``'s environment, the device
-  mesh, gloo on CPU and NCCL on GPUs, launchers with a hard timeout;
+* ``deepseek_mini.parallel.distributed``: process groups from ``torchrun``'s environment, the
+  (pp, edp, ep) device mesh, gloo on CPU and NCCL on GPUs;
+* ``deepseek_mini.parallel.launch``: spawned workers and ``torchrun`` subprocesses with a hard
+  timeout (tests, notebooks);
 * ``deepseek_mini.parallel.pipeline``: pipeline stages cut from the model (``model.cut``) on
-  ``torch.distributed.pipelining``, FSDP2 data parallelism, the global gradient norm and sharded
-  checkpoints (``torch.distributed.checkpoint``).
+  ``torch.distributed.pipelining``, expert parallelism inside each stage, FSDP2 data parallelism,
+  the global gradient norm and sharded checkpoints (``torch.distributed.checkpoint``).
 
 Names are imported lazily (PEP 562), so ``import deepseek_mini.parallel`` imports neither
 matplotlib nor ``torch.distributed``.
@@ -31,8 +33,8 @@ _PUBLIC = {
     **dict.fromkeys(["ChunkCosts", "PairTimeline", "overlap_pair", "plot_overlap"], "deepseek_mini.parallel.overlap"),
     **dict.fromkeys(["AllToAll", "AllToAllDispatcher", "ExchangePlan", "shard_experts", "Traffic",
                      "expert_traffic"], "deepseek_mini.parallel.expert"),
-    **dict.fromkeys(["run_workers"], "deepseek_mini.parallel.launch"),
-    **dict.fromkeys(["ParallelContext", "init_distributed", "spawn", "run_torchrun", "free_port", "pick_backend"],
+    **dict.fromkeys(["run_workers", "run_torchrun", "free_port"], "deepseek_mini.parallel.launch"),
+    **dict.fromkeys(["ParallelContext", "init_distributed", "mesh_shape", "pick_backend"],
                     "deepseek_mini.parallel.distributed"),
     **dict.fromkeys(["stage_placement", "split_layers", "default_microbatches", "StageModule",
                      "PipelineRunner", "clip_grad_norm", "save_sharded", "load_sharded"],

@@ -1,36 +1,48 @@
-"""Run a function on several local processes with a process group: tests and notebooks of chapter 06.
+"""Start small groups of processes with a hard time limit: the tests and notebooks of chapter 06.
 
-``run_workers(fn, world_size, *args)`` spawns ``world_size`` processes, each joins one process
-group (gloo on a CPU: every collective of ``torch.distributed`` runs without a GPU), calls
-``fn(rank, world_size, *args)`` and hands its return value back to the caller, one per rank.
-Spawned processes import ``fn`` by its module and name, so it must be a module-level function
-(a lambda or a function defined inside a test cannot be sent).
+Two ways to start N ranks on one machine, and nothing may hang in either:
 
-Nothing may hang: the whole run has a hard ``timeout`` (start-up included). When it passes, every
-worker is killed and a ``TimeoutError`` names the function; the process group's own timeout is
-the same, so a collective that waits for a missing rank fails inside the workers too. A worker
+* ``run_workers(fn, world_size, *args)`` spawns ``world_size`` Python processes, sets each up as
+  ``torchrun`` would (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``,
+  one thread), joins one gloo process group (every collective of ``torch.distributed`` runs
+  without a GPU), calls ``fn(rank, world_size, *args)`` and hands its return value back to the
+  caller, one per rank. ``fn`` may call ``deepseek_mini.parallel.distributed.init_distributed``
+  to build the training mesh on that group. Spawned processes import ``fn`` by its module and
+  name, so it must be a module-level function (a lambda or a function defined inside a test
+  cannot be sent).
+* ``run_torchrun(args, nprocs)`` runs the real launcher, ``torchrun --nproc-per-node nprocs
+  args``, as a subprocess in its own process group (for end-to-end runs of
+  ``python -m deepseek_mini.train``).
+
+Both have a hard ``timeout`` (start-up included). When it passes, every process is killed and a
+``TimeoutError`` names what was running; ``run_workers`` also gives the process group the same
+timeout, so a collective that waits for a missing rank fails inside the workers too. A worker
 that raises stops the others, and the error names the rank that failed first (the others often
-fail next, in a collective that lost its peer) and carries its traceback.
+fail next, in a collective that lost its peer) and carries its traceback. ``free_port`` picks
+the rendezvous port of both.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_workers", "free_port"]
+__all__ = ["run_workers", "run_torchrun", "free_port", "DEFAULT_TIMEOUT_S"]
 
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 120.0          # a collective waiting longer than this has deadlocked (toy steps take < 1 s)
 POLL_S = 0.2                       # how often the parent looks at its workers
 
 
@@ -43,7 +55,9 @@ def free_port() -> int:
 
 def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, timeout: float, out_dir: str,
             args: tuple) -> None:
-    """One spawned process: one thread, join the group, run ``fn``, save what it returns."""
+    """One spawned process: torchrun's environment, one thread, join the group, run ``fn``, save its result."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)                     # P workers on a few shared cores: no oversubscription
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout))
@@ -116,3 +130,51 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
                     process.kill()
                 process.join()
         return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it, read from Linux's /proc (just ``pid`` elsewhere). torchrun
+    starts each rank in a session of its own, so killing torchrun's process group misses them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])   # the field after "(name) state"
+        except (OSError, IndexError, ValueError):
+            continue                                                     # the process ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def run_torchrun(args: Sequence[str], nprocs: int, timeout: float = DEFAULT_TIMEOUT_S,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nprocs <args>`` on this machine with a free port and one thread
+    per rank, in its own process group, killed whole after ``timeout`` seconds (``TimeoutError``
+    with the tail of its stderr). Returns the completed process (check ``returncode``, ``stderr``)."""
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs ({nprocs!r}) must be an int >= 1")
+    if not timeout > 0:
+        raise ValueError(f"timeout ({timeout!r}) must be > 0 seconds")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _process_tree(proc.pid):      # torchrun and every rank it started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:        # a survivor still holds the pipes: give up on the output
+            out, err = "", ""
+        raise TimeoutError(f"{' '.join(command[1:])} did not finish within {timeout:g} s and was killed.\n"
+                           f"stderr tail:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

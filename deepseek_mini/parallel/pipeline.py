@@ -34,11 +34,20 @@ the embedding, which sits on the first stage, and the head on the last); the bat
 loss when the batch is split (over micro-batches or data-parallel ranks its f_i P_i is not the
 whole batch's).
 
+Expert parallelism (§3.2.2): with ep > 1 each stage's MoE layers keep N_r / ep of their routed
+experts (``shard_experts`` over the rank's expert-parallel group, E consecutive data-parallel
+ranks) and exchange rows with an all-to-all; the EP ranks of a stage run the same schedule, so
+their collectives meet in the same order, also inside DualPipeV's split backward.
+
 Data parallelism: each stage is ``fully_shard``-ed (FSDP2, ZeRO-3: parameters, gradients and
-optimizer state sharded) over the rank's data-parallel group; the schedule reduces the gradients
-once after the last micro-batch. ``clip_grad_norm`` clips by the norm over every stage and shard.
-``save_sharded`` / ``load_sharded`` write and read ``torch.distributed.checkpoint`` shards keyed
-by the whole model's parameter names, so a run saved at one layout resumes at another.
+optimizer state sharded) over the rank's data-parallel group, all dp ranks of the stage; the
+schedule reduces the gradients once after the last micro-batch. The expert slices are left out
+of FSDP2 and their gradients are summed over the ranks holding the same experts
+(``PipelineRunner.sync_expert_grads``). ``clip_grad_norm`` clips by the norm over every stage,
+shard and expert slice. ``save_sharded`` / ``load_sharded`` write and read
+``torch.distributed.checkpoint`` shards keyed by the whole model's parameter names, the expert
+slices as ``Shard(0)`` pieces of the whole (N_r, ...) stacks, so a run saved at one layout
+(pp, dp, ep, schedule) resumes at another.
 """
 
 from __future__ import annotations
@@ -55,14 +64,17 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV,
                                           ScheduleInterleavedZeroBubble)
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from deepseek_mini.hooks import TrainHook
 from deepseek_mini.model import Transformer, cut
+from deepseek_mini.moe import MoE, moe_layers
 from deepseek_mini.parallel.distributed import ParallelContext
+from deepseek_mini.parallel.expert import AllToAllDispatcher, shard_experts
 
 __all__ = ["SCHEDULES", "stages_per_rank", "stage_placement", "split_layers", "default_microbatches", "AddLoss",
-           "StageModule", "PipelineRunner", "clip_grad_norm", "save_sharded", "load_sharded"]
+           "StageModule", "PipelineRunner", "sharded_experts", "clip_grad_norm", "save_sharded", "load_sharded"]
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipev", "dualpipe")
 
@@ -174,15 +186,29 @@ def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
+def sharded_experts(models: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """The expert slices held by this rank (whole-model name -> parameter): the routed-expert
+    weights of every MoE layer that ``shard_experts`` gave an all-to-all dispatcher."""
+    found: dict[str, nn.Parameter] = {}
+    for model in models:
+        for prefix, module in model.named_modules():
+            if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllDispatcher):
+                for name, p in module.experts.named_parameters():
+                    found[f"{prefix}.experts.{name}"] = p
+    return found
+
+
 class PipelineRunner:
-    """This rank's stages of ``model``, sharded over its data-parallel group, and the schedule.
+    """This rank's stages of ``model``, their experts split over its expert-parallel group, the
+    rest sharded over its data-parallel group, and the schedule.
 
     ``model`` is the whole, initialised model (every rank builds it with the same seed, so the
-    stages hold exactly the single-process weights; a stage keeps only its layers, the rest is
-    freed). ``hooks`` are the run's training hooks. ``step(x, y, step)`` runs one schedule over
-    this rank's share of the batch and returns the mean micro-batch loss (on the last stage's
-    rank, else None) and the hooks' extra losses of this rank's stages (sums over stages, means
-    over micro-batches).
+    stages hold exactly the single-process weights; a stage keeps only its layers and, with
+    ep > 1, only its share of each MoE layer's experts; the rest is freed). ``hooks`` are the
+    run's training hooks. ``step(x, y, step)`` runs one schedule over this rank's share of the
+    batch and returns the mean micro-batch loss (on the last stage's rank, else None) and the
+    hooks' extra losses of this rank's stages (sums over stages, means over micro-batches).
+    After it every gradient is the single-process gradient of the whole batch (``sync_expert_grads``).
     """
 
     def __init__(self, ctx: ParallelContext, model: Transformer, schedule: str, n_microbatches: int,
@@ -198,13 +224,19 @@ class PipelineRunner:
         self.stage_ids = placement[ctx.pp_rank]
         self.modules: list[StageModule] = []
         stages = []
+        self.expert_params: list[nn.Parameter] = []
         for sid in self.stage_ids:
             part = cut(model, layers[sid], embed=sid == 0, head=sid == self.n_stages - 1).to(ctx.device)
+            if ctx.ep > 1 and moe_layers(part):
+                shard_experts(part, ctx.ep_group)
+            experts = list(sharded_experts([part]).values())
+            self.expert_params += experts
             module = StageModule(part, hooks, ctx.device.type)
             # One FSDP2 unit per stage. Not one per block: FSDP2 rebuilds a block's keyword inputs to hook
             # the tensors in them, so the ``routing`` list the model hands each MoE block would be a copy
-            # from the second MoE block on, and its balance loss would be lost.
-            fully_shard(module, mesh=ctx.dp_mesh)
+            # from the second MoE block on, and its balance loss would be lost. The expert slices are
+            # not FSDP2's: they differ between the EP ranks (see ``sync_expert_grads``).
+            fully_shard(module, mesh=ctx.dp_mesh, ignored_params=set(experts) or None)
             self.modules.append(module)
             stages.append(PipelineStage(module, sid, self.n_stages, ctx.device, group=ctx.pp_group))
         self.is_last = self.n_stages - 1 in self.stage_ids
@@ -255,8 +287,37 @@ class PipelineRunner:
         for module in self.modules:
             for name, value in module.extra.items():
                 extra[name] = extra.get(name, 0) + value / self.n_microbatches
+        self.sync_expert_grads()
         loss = torch.stack(losses).mean().detach() if self.is_last else None
         return loss, extra
+
+    @torch.no_grad()
+    def sync_expert_grads(self) -> None:
+        """Make each expert slice's gradient the whole batch's: summed over the ranks holding the
+        same experts (the expert-data-parallel group, dp / ep ranks), divided by dp.
+
+        Why: the loss of rank r is the mean over its share, L_r, and the whole batch's loss is
+        L = (1/dp) sum_r L_r. A replicated parameter's gradient on rank r is dL_r/dθ (its tokens
+        never leave it), so FSDP2's average over the dp ranks gives dL/dθ. An expert slice's
+        gradient on rank r already holds the rows of every rank of its EP group (the backward
+        all-to-all brings them), so it must be *summed* over the edp replicas of the slice and
+        divided by dp, not averaged over edp (that would be ep times too large).
+
+        Why a manual all-reduce and not FSDP2 over the edp group: the slices stay plain tensors,
+        so the all-to-all's experts read them as they are, a checkpoint can name each slice by
+        its place in the whole (N_r, ...) stack (``Shard(0)`` over the EP group, which DCP
+        reshards to any layout), and the clipping norm counts each slice once. The cost is
+        that expert weights and their AdamW state are replicated over the edp ranks (not
+        ZeRO-sharded); DeepSeek-V3 spreads them over 64 EP ranks instead (§3.2).
+        """
+        if not self.expert_params:
+            return
+        for p in self.expert_params:
+            if p.grad is None:            # every replica joins the all-reduce, also one whose experts got no row
+                p.grad = torch.zeros_like(p)
+            if self.ctx.edp > 1:
+                dist.all_reduce(p.grad, group=self.ctx.expert_dp_group)
+            p.grad.div_(self.ctx.dp)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
@@ -284,50 +345,78 @@ class PipelineRunner:
         return _lm_loss(h, y) if self.is_last else None
 
 
-def clip_grad_norm(parameters: Sequence[nn.Parameter], max_norm: float, ctx: ParallelContext) -> torch.Tensor:
-    """Clip by the global gradient norm: over the data-parallel shards (FSDP2's DTensors reduce
-    over dp) and over the pipeline stages (summed over the pipeline group), as one process would."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
+def clip_grad_norm(parameters: Sequence[nn.Parameter], max_norm: float, ctx: ParallelContext,
+                   expert_parameters: Sequence[nn.Parameter] = ()) -> torch.Tensor:
+    """Clip by the global gradient norm, as one process would: FSDP2's DTensor shards reduce over
+    dp, the expert slices (``expert_parameters``, plain tensors, part of ``parameters``) add their
+    squares over the EP group (each slice once: the edp replicas hold equal gradients), and the
+    stages' squares are summed over the pipeline group."""
+    experts = {id(p) for p in expert_parameters}
+    replicated = [p for p in parameters if id(p) not in experts]
+    total = torch.nn.utils.get_total_norm([p.grad for p in replicated if p.grad is not None], 2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    total = total.double() ** 2
+    if expert_parameters:
+        local = torch.nn.utils.get_total_norm([p.grad for p in expert_parameters if p.grad is not None], 2.0)
+        squares = local.double().to(total.device) ** 2
+        dist.all_reduce(squares, group=ctx.ep_group)
+        total = total + squares
     if ctx.pp > 1:
-        total = total.double() ** 2
         dist.all_reduce(total, group=ctx.pp_group)
-        total = total.sqrt().float()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    total = total.sqrt().float()
+    torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, total)
+    if expert_parameters:
+        torch.nn.utils.clip_grads_with_norm_(list(expert_parameters), max_norm, total)
     return total
 
 
-def _optimizer_state(models: nn.ModuleList, optimizer: torch.optim.Optimizer, template: bool) -> dict[str, Any]:
-    """AdamW's per-parameter state keyed by the parameter's whole-model name (layout independent).
-    ``template``: zeros shaped like each parameter (a fresh optimizer has no state yet) to load into."""
-    state: dict[str, Any] = {}
+def _as_global(tensor: torch.Tensor, ep_mesh: DeviceMesh) -> DTensor:
+    """This rank's expert slice as the ``Shard(0)`` piece of the whole (N_r, ...) stack over the EP group."""
+    return DTensor.from_local(tensor, ep_mesh, [Shard(0)], run_check=False)
+
+
+def _state(models: nn.ModuleList, optimizer: torch.optim.Optimizer, template: bool,
+           ep_mesh: DeviceMesh | None) -> dict[str, Any]:
+    """What DCP saves or loads into: the stages' state dicts and AdamW's per-parameter state, keyed
+    by whole-model names (layout independent), the expert slices as global ``Shard(0)`` pieces.
+    ``template``: the optimizer state as zeros shaped like each parameter (a fresh optimizer has
+    none yet) to load into."""
+    experts = sharded_experts(models)
+    if experts and ep_mesh is None:
+        raise ValueError("this rank holds expert slices (expert parallelism): pass the expert-parallel mesh")
+    glob = (lambda name, t: _as_global(t, ep_mesh) if name in experts else t)
+    model_state = {k: glob(k, v) for model in models for k, v in model.state_dict().items()}
+    optimizer_state: dict[str, Any] = {}
     for model in models:
         for name, p in model.named_parameters():
             if template:
-                state[name] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
-                               "exp_avg_sq": torch.zeros_like(p)}
+                optimizer_state[name] = {"step": torch.zeros((), dtype=torch.float32),
+                                         "exp_avg": glob(name, torch.zeros_like(p)),
+                                         "exp_avg_sq": glob(name, torch.zeros_like(p))}
             elif p in optimizer.state:
-                state[name] = dict(optimizer.state[p])
-    return state
+                optimizer_state[name] = {k: glob(name, v) if k != "step" else v
+                                         for k, v in optimizer.state[p].items()}
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_sharded(path: str | Path, models: nn.ModuleList, optimizer: torch.optim.Optimizer) -> None:
+def save_sharded(path: str | Path, models: nn.ModuleList, optimizer: torch.optim.Optimizer,
+                 ep_mesh: DeviceMesh | None = None) -> None:
     """Write this rank's parameters, persistent buffers and optimizer state into the shards at ``path``
-    (every rank calls it). Keys are whole-model names, so any layout can load them (``load_sharded``)."""
-    state = {"model": {k: v for model in models for k, v in model.state_dict().items()},
-             "optimizer": _optimizer_state(models, optimizer, template=False)}
-    dcp.save(state, checkpoint_id=str(path))
+    (every rank calls it). Keys are whole-model names and the expert slices are pieces of the whole
+    stacks (``ep_mesh``: the EP group's mesh, needed with expert parallelism), so any layout can load
+    them (``load_sharded``)."""
+    dcp.save(_state(models, optimizer, False, ep_mesh), checkpoint_id=str(path))
 
 
-def load_sharded(path: str | Path, models: nn.ModuleList, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(path: str | Path, models: nn.ModuleList, optimizer: torch.optim.Optimizer,
+                 ep_mesh: DeviceMesh | None = None) -> None:
     """Read the shards at ``path`` into this rank's stages and optimizer, whatever layout wrote them."""
-    state = {"model": {k: v for model in models for k, v in model.state_dict().items()},
-             "optimizer": _optimizer_state(models, optimizer, template=True)}
+    state = _state(models, optimizer, True, ep_mesh)
     dcp.load(state, checkpoint_id=str(path))
+    experts = sharded_experts(models)
+    local = (lambda name, t: t.to_local() if name in experts and isinstance(t, DTensor) else t)
     for model in models:
-        model.load_state_dict({k: state["model"][k] for k in model.state_dict()})
+        model.load_state_dict({k: local(k, state["model"][k]) for k in model.state_dict()})
         for name, p in model.named_parameters():
-            optimizer.state[p] = state["optimizer"][name]
-
+            optimizer.state[p] = {k: local(name, v) for k, v in state["optimizer"][name].items()}
