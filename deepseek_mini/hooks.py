@@ -71,7 +71,9 @@ class TrainHook:
     def set_process_groups(self, data_parallel: dist.ProcessGroup | None,
                            pipeline: dist.ProcessGroup | None) -> None:
         """A parallel run (chapter 06) gives each hook its groups once, before the first step:
-        ``data_parallel``, the ranks that hold the same layers and see different data;
+        ``data_parallel``, the ranks that hold the same layers and see different data (the
+        expert-parallel ranks among them: they hold different experts of the same MoE layers,
+        but route their own tokens through the same gates);
         ``pipeline``, the ranks whose stages together make the whole model. ``model`` is then
         this rank's stages (a ``ModuleList``), and ``extra_loss`` runs once per stage and
         micro-batch with that stage's model and output."""
@@ -127,9 +129,10 @@ class MoEBalancing(TrainHook):
     * ``after_optimizer_step``: per MoE layer, the tokens each expert received during the
       step (every micro-batch: the layers count until this call) move the bias,
       ``b_i += gamma * sign(mean load - load_i)``, then the count is reset. With
-      ``process_group`` the load is first summed over that group (the data-parallel ranks,
-      chapter 06), so every rank applies the same update; with ``None`` this process's load
-      is used as is.
+      ``process_group`` the load is first summed over that group (chapter 06: every rank that
+      routes its own tokens through the layer's gate, i.e. all data-parallel ranks of the
+      layer's pipeline stage, expert-parallel ones included; never WORLD), so every rank applies
+      the same update; with ``None`` this process's load is used as is.
     * ``metrics``: ``maxvio``, the step's MaxVio (max load / mean load - 1) averaged over MoE
       layers, and ``balance_loss = 0.0`` when no loss is added, so runs compare. With
       ``stage_group`` (the pipeline ranks, chapter 06), the average is over the layers of every

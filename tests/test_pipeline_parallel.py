@@ -24,6 +24,7 @@ from deepseek_mini.parallel.pipeline import (AddLoss, PipelineRunner, clip_grad_
                                              sharded_experts, split_layers, stage_placement, stages_per_rank)
 
 ALPHA = 0.05   # the balance loss weight: large, so a lost balance loss changes the gradients visibly
+GAMMA = 0.25   # the bias update speed: large, so the biases show which load moved them
 
 
 def test_placement_and_split():
@@ -53,14 +54,17 @@ def test_add_loss_passes_output_and_gives_the_loss_gradient_one():
 
 
 def _reference(x: torch.Tensor, y: torch.Tensor):
-    """The single-process loss (LM + balance) and gradients of the toy model on (x, y)."""
+    """The single-process loss (LM + balance), gradients and moved MoE biases of the toy model on (x, y)."""
     config = load_config("toy")
     model = build_model(config, seed=0)
     logits, aux = model(x, return_aux=True)
     lm = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    balance = MoEBalancing(0.001, "sequence", ALPHA).extra_loss(model, (x, y), (logits, aux), 1)["balance_loss"]
+    hook = MoEBalancing(GAMMA, "sequence", ALPHA)
+    balance = hook.extra_loss(model, (x, y), (logits, aux), 1)["balance_loss"]
     (lm + balance).backward()
-    return lm.item(), balance.item(), {name: p.grad for name, p in model.named_parameters()}
+    hook.after_optimizer_step(model, 1)
+    biases = {name: b for name, b in model.named_buffers() if name.endswith("gate.bias")}
+    return lm.item(), balance.item(), {name: p.grad for name, p in model.named_parameters()}, biases
 
 
 def _check_schedules(rank: int, world_size: int, layouts: list[tuple[int, int, str, int]]) -> None:
@@ -68,13 +72,15 @@ def _check_schedules(rank: int, world_size: int, layouts: list[tuple[int, int, s
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 260, (8, 16), generator=g)
     y = torch.randint(0, 260, (8, 16), generator=g)
-    lm, balance, grads = _reference(x, y)
+    lm, balance, grads, biases = _reference(x, y)
     for pp, ep, schedule, n_micro in layouts:
         ctx = init_distributed(pp=pp, ep=ep)
         share = x.shape[0] // ctx.dp
         mine = slice(ctx.dp_rank * share, (ctx.dp_rank + 1) * share)
+        hook = MoEBalancing(GAMMA, "sequence", ALPHA)
+        hook.set_process_groups(ctx.dp_group, ctx.pp_group)   # as the trainer does: the stage's dp x ep ranks
         runner = PipelineRunner(ctx, build_model(load_config("toy"), seed=0), schedule, n_micro, (share, 16, 0),
-                                [MoEBalancing(0.001, "sequence", ALPHA)])
+                                [hook])
         loss, extra = runner.step(x[mine], y[mine], 1)
         what = f"{schedule} pp {pp} dp {ctx.dp} ep {ep}, rank {ctx.rank}"
         if runner.is_last and ctx.dp == 1:
@@ -98,6 +104,13 @@ def _check_schedules(rank: int, world_size: int, layouts: list[tuple[int, int, s
         norm = clip_grad_norm(list(runner.models.parameters()), 1e9, ctx, runner.expert_params)
         whole = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         assert abs(norm.item() - whole.item()) < 1e-4 * whole.item(), f"{what}: grad norm {norm} vs {whole}"
+        # The bias update (§2.1.2): each rank routed only its share; the load summed over the stage's
+        # dp ranks (EP ranks included) moves every replica of b_i as the whole batch's load does.
+        hook.after_optimizer_step(runner.models, 1)
+        moved = {n: b for model in runner.models for n, b in model.named_buffers() if n.endswith("gate.bias")}
+        assert moved, f"{what}: no MoE layer on this rank"
+        for name, bias in moved.items():
+            assert torch.equal(bias, biases[name]), f"{what}: {name} moved unlike one process's"
 
 
 def test_schedules_equal_one_process():
