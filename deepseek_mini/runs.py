@@ -39,10 +39,11 @@ Each rule below keeps a run from losing or mixing work:
   sees the old file or the new one, never half of one. A ``metrics.jsonl`` line cut off by a
   kill is dropped; any other corrupt line is an error naming it.
 * *A parallel run's checkpoint is sharded* (``save_sharded_checkpoint``). Under ``torchrun`` each
-  rank holds part of the model (its pipeline stages, its FSDP shards), so each writes its part
-  with ``torch.distributed.checkpoint`` into ``checkpoint.dcp/`` (``checkpoint-NNNNNN.dcp/``), keyed
-  by the whole model's parameter names, and rank 0 adds ``run.pt`` with the rest (step, configs,
-  history, sampler and RNG states). The shards load into any layout (another ``--pp``, more or
+  rank holds part of the model (its pipeline stages, its FSDP shards, its expert slices), so each
+  writes its part with ``torch.distributed.checkpoint`` into ``checkpoint.dcp/``
+  (``checkpoint-NNNNNN.dcp/``), keyed by the whole model's parameter names (an expert slice as its
+  piece of the whole stack), and rank 0 adds ``run.pt`` with the rest (step, configs, history,
+  sampler and RNG states). The shards load into any layout (another ``--pp`` or ``--ep``, more or
   fewer processes), so a run saved on 4 processes resumes on 2. The folder is written under a
   temporary name and renamed whole, like a file.
 * *A checkpoint is data* (``load_checkpoint``). ``torch.load(weights_only=True)`` accepts only
