@@ -133,12 +133,14 @@ def _promote(acc, part, a_s, ws_ptr, rn, pid_n, i, N, n_kb, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, M, N, K, n_kb, BLOCK_M: tl.constexpr,
+def _fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, M, N, K, N_KB: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      W_ROW_SCALES: tl.constexpr):
     """c = a @ w^T, one program per output tile; a (M, K) with scales as (n_kb, M); w (N, K) with
     block scales (ceil(N/BLOCK_K), n_kb) or row scales (n_kb, N). Any shape: loads are masked.
-    Each BLOCK_K step is one scale group: a fresh dot, then ``_promote`` (N_C = BLOCK_K)."""
+    Each BLOCK_K step is one scale group: a fresh dot, then ``_promote`` (N_C = BLOCK_K). The step
+    count N_KB = ceil(K / BLOCK_K) is a compile-time constant, as K is in the official kernel (and
+    Triton 3.6's interpreter cannot loop up to a runtime argument)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,19 +149,19 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, M, N, K, n_kb, BLOCK_M
     a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
     w_ptrs = w_ptr + rn[None, :] * K + rk[:, None]                 # (BLOCK_K, BLOCK_N) view of w's rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(n_kb):
+    for i in range(N_KB):
         k_ok = rk < K - i * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         a_s = tl.load(as_ptr + i * M + rm, mask=m_ok, other=0.0)
-        acc = _promote(acc, tl.dot(a, w), a_s, ws_ptr, rn, pid_n, i, N, n_kb, BLOCK_N, BLOCK_K, W_ROW_SCALES)
+        acc = _promote(acc, tl.dot(a, w), a_s, ws_ptr, rn, pid_n, i, N, N_KB, BLOCK_N, BLOCK_K, W_ROW_SCALES)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _fp8_gemm_tma_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, M, N, K, n_kb, BLOCK_M: tl.constexpr,
+def _fp8_gemm_tma_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, M, N, K, N_KB: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          W_ROW_SCALES: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
     """The same GEMM for Hopper: tiles move by TMA and the grid is persistent.
@@ -176,11 +178,11 @@ def _fp8_gemm_tma_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, M, N, K, n_kb, 
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(n_kb):
+        for i in range(N_KB):
             a = a_desc.load([pid_m * BLOCK_M, i * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, i * BLOCK_K])            # (BLOCK_N, BLOCK_K): w's rows
             a_s = tl.load(as_ptr + i * M + rm, mask=rm < M, other=0.0)
-            acc = _promote(acc, tl.dot(a, w.T), a_s, ws_ptr, rn, pid_n, i, N, n_kb, BLOCK_N, BLOCK_K, W_ROW_SCALES)
+            acc = _promote(acc, tl.dot(a, w.T), a_s, ws_ptr, rn, pid_n, i, N, N_KB, BLOCK_N, BLOCK_K, W_ROW_SCALES)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))
 
 
