@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():   # before triton is imported: fp8_gemm's smoke run uses Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -259,3 +264,22 @@ def test_fp8_training_gap_runs_and_prints_its_table(capsys, tmp_path, keep_torch
     out = capsys.readouterr().out
     assert "baseline fp32" in out and "loss spread over seeds" in out
     assert json.loads((tmp_path / "g.json").read_text())["rows"] == rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke path (Triton's interpreter)")
+def test_fp8_gemm_checks_every_method_and_prints_its_table(capsys, tmp_path, monkeypatch):
+    bench = load_script("fp8_gemm")
+    rows = bench.main(["--device", "cpu", "--shapes", "64x128x256", "--min-run-time", "0.01",
+                       "--json", str(tmp_path / "f.json")])
+    (row,) = rows
+    assert all(row[f"{m}_tflops"] > 0 and row[f"{m}_err"] < bench.TOLERANCE for m in bench.METHODS)
+    out = capsys.readouterr().out
+    assert "64x128x256" in out and "triton / bf16" in out and "failed" not in out
+    assert json.loads((tmp_path / "f.json").read_text())["rows"] == rows
+    from deepseek_mini.fp8 import kernels                  # a kernel that drops the scales is caught, not timed
+    monkeypatch.setattr(kernels, "fp8_gemm", lambda aq, a_s, wq, w_s, **kw: (aq.float() @ wq.float().T).to(kw["out_dtype"]))
+    (row,) = bench.main(["--device", "cpu", "--shapes", "64x128x256", "--methods", "triton", "--min-run-time", "0.01"])
+    assert "triton_tflops" not in row and "differs from its reference" in row["triton_error"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--shapes", "wx"])
+    assert "neither a V3 GEMM name" in capsys.readouterr().err

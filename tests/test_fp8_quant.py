@@ -88,7 +88,8 @@ def test_triton_kernels_equal_the_reference():
         wq, ws = (quantize_activation if rows else quantize_weight)(torch.randn(n, k) / k ** 0.5)
         r = fp8_gemm(aq, as_, wq, ws)
         c = kernels.fp8_gemm(aq.to(dev), as_.to(dev), wq.to(dev), ws.to(dev)).cpu()
-        assert ((c - r).abs().max() / r.abs().max()) < 1e-5
+        # the interpreter sums in FP32 like the reference; a GPU's tensor cores keep ~14 bits within a K step
+        assert ((c - r).abs().max() / r.abs().max()) < (1e-5 if kernels.INTERPRET else 1e-3)
 
 
 def test_stored_fp8_weights_one_dequantiser_for_mla_and_checkpoints(tmp_path):

@@ -7,24 +7,10 @@ import pytest
 import torch
 
 from deepseek_mini import load_config
-from deepseek_mini.data import make_datasets
 from deepseek_mini.fp8 import FP8Linear
-from deepseek_mini.train import FP8Training, TrainConfig, TrainHook, default_hooks, load_checkpoint, train
+from deepseek_mini.train import FP8Training, TrainHook, default_hooks, load_checkpoint, train
+from tiny import TINY_MOE, run
 
-TINY_MOE = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=64, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_datasets("synthetic", n_docs=200, seed=0)
-
-
-def run(**overrides) -> TrainConfig:
-    base = dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=2,
-                seed=0, device="cpu", progress=False)
-    return TrainConfig(**{**base, **overrides})
 
 
 class OptimizerSpy(TrainHook):

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 from deepseek_mini import load_config
-from deepseek_mini.data import make_datasets, unigram_entropy
+from deepseek_mini.data import unigram_entropy
 from deepseek_mini.train import (TrainConfig, evaluate_by_domain, load_checkpoint, lr_schedule, main,
                                  select_device, train)
 
-TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_datasets("synthetic", n_docs=200, seed=0)
+from tiny import TINY
 
 
 def tiny_run(**overrides) -> TrainConfig:

@@ -19,30 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini import load_config
-from deepseek_mini.data import Batcher, make_datasets
+from deepseek_mini.data import Batcher
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_biases
 from deepseek_mini.runs import save_checkpoint
 from deepseek_mini.train import (RESUME_FIXED, MoEBalancing, MultiTokenPrediction, TrainConfig, TrainHook,
                                  _make_optimizer, default_hooks, load_checkpoint, lr_schedule, train)
 
-TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)
-# The toy preset (MLA + MoE) at tiny size: layer 0 dense, layer 1 MoE with 8 routed experts in 4 groups.
-TINY_MOE = dict(TINY, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16)
+from tiny import TINY, TINY_MOE, run
+
 GATE_BIAS = "layers.1.ffn.gate.bias"
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_datasets("synthetic", n_docs=200, seed=0)
-
-
-def run(**overrides) -> TrainConfig:
-    base = dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=2,
-                seed=0, device="cpu", progress=False)
-    return TrainConfig(**{**base, **overrides})
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

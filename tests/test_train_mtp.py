@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini import load_config
-from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets
+from deepseek_mini.data import Batcher, TokenStream, eval_batches
 from deepseek_mini.generate import generate
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import balance_loss, max_violation, moe_layers, update_biases
@@ -24,26 +24,15 @@ from deepseek_mini.mtp import mtp_lambda, mtp_logits, mtp_losses
 from deepseek_mini.train import (MoEBalancing, MultiTokenPrediction, TrainConfig, _make_optimizer, default_hooks,
                                  evaluate, load_checkpoint, lr_schedule, main, train)
 
-TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64)
-# The toy preset (MLA + MoE) at tiny size: layer 0 dense, layer 1 and every MTP block MoE (8 experts, top-2).
-TINY_MOE = dict(TINY, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=16)
+from tiny import RUN, TINY, TINY_MOE     # tiny MoE: layer 0 dense, layer 1 and every MTP block MoE
 
 
 def mtp_config(depth: int, preset: str = "toy"):
     return load_config(preset, **(TINY_MOE if preset == "toy" else TINY), num_nextn_predict_layers=depth)
 
 
-@pytest.fixture(scope="module")
-def data():
-    return make_datasets("synthetic", n_docs=200, seed=0)
-
-
 def run(**overrides) -> TrainConfig:
-    base = dict(steps=4, batch_size=2, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=2,
-                seed=0, device="cpu", progress=False, bias_update_speed=0.01, balance_loss_alpha=0.01,
-                mtp_lambda_switch=0.5)
+    base = dict(RUN, bias_update_speed=0.01, balance_loss_alpha=0.01, mtp_lambda_switch=0.5)
     return TrainConfig(**{**base, **overrides})
 
 

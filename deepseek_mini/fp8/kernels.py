@@ -17,10 +17,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from deepseek_mini.fp8.quant import AMAX_FLOOR, BLOCK
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = not INTERPRET     # fp8_gemm's tile search on a GPU; False: one fixed 64 x 64 tile (quick tests)
 
 
 @triton.jit
@@ -40,7 +42,7 @@ def _round_e4m3(y):
     r = ((y / step + 12582912.0) - 12582912.0) * step              # + 1.5 * 2^23: fp32 rounds half to even
     return tl.minimum(tl.maximum(r, -448.0), 448.0)
 
-__all__ = ['INTERPRET', 'act_quant', 'weight_quant', 'weight_dequant', 'fp8_gemm']
+__all__ = ['INTERPRET', 'AUTOTUNE', 'act_quant', 'weight_quant', 'weight_dequant', 'fp8_gemm']
 
 
 # --- notebooks/05_fp8.ipynb: 6. The same operations in Triton
@@ -54,10 +56,10 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, n_kb, BLOCK: tl.constexpr, ROWS
     mask = (rr[:, None] < R) & (rk[None, :] < K)
     offs = rr[:, None] * K + rk[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR) / 448.0
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR), 448.0)   # correctly rounded, as torch
     if UE8M0:
         s = _ceil_pow2(s)
-    y = x / s[:, None]
+    y = tl.math.div_rn(x, s[:, None])
     if EXACT_ROUND:
         y = _round_e4m3(y)
     tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
@@ -73,10 +75,10 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, n_kb, BLOCK: tl.constexpr, A
     mask = (rn[:, None] < N) & (rk[None, :] < K)
     offs = rn[:, None] * K + rk[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(w)), AMAX_FLOOR) / 448.0
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w)), AMAX_FLOOR), 448.0)
     if UE8M0:
         s = _ceil_pow2(s)
-    y = w / s
+    y = tl.math.div_rn(w, s)
     if EXACT_ROUND:
         y = _round_e4m3(y)
     tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
@@ -95,29 +97,138 @@ def _weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, n_kb, BLOCK: tl.constexpr)
 
 # --- notebooks/05_fp8.ipynb: 6. The same operations in Triton
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, M, N, K, n_kb, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_ROW_SCALES: tl.constexpr):
-    """c = a @ w^T; a (M, K) with scales (M, n_kb); w (N, K) with block scales or (N, n_kb) row scales.
-    Each BLOCK_K step is one scale group: a fresh dot, scaled, added in FP32 (promotion, N_C = BLOCK_K)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``tile`` in grouped order.
+
+    Row-major tile order streams all of w through the L2 cache once per row of tiles. Walking down
+    GROUP_M tile-rows before moving one tile right keeps GROUP_M slabs of a and one slab of w hot
+    in L2 together, so each byte comes from HBM about once (Triton's matmul tutorial, "L2 cache
+    optimizations")."""
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (tile // per_group) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)               # the last group may be shorter
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _promote(acc, part, a_s, ws_ptr, rn, pid_n, i, N, n_kb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             W_ROW_SCALES: tl.constexpr):
+    """acc + part * a_s * w_s: one K step's tensor-core partial sum, dequantised and added in FP32.
+
+    This is the promotion of §3.3.2 with N_C = BLOCK_K = one scale group. a_s holds the tile rows'
+    activation scales for step i. When w has 128 x 128 block scales and BLOCK_N divides 128, the
+    whole tile lies in one weight block, so w_s is one number and the update is one fused
+    multiply-add per element (the CUDA-core work between two dots is what this kernel waits on)."""
+    if W_ROW_SCALES:                                        # Wgrad: (n_kb, N) scales, one per row of w
+        w_s = tl.load(ws_ptr + i * N + rn, mask=rn < N, other=0.0)
+        acc += part * a_s[:, None] * w_s[None, :]
+    elif BLOCK_K % BLOCK_N != 0:                            # the tile spans several weight blocks
+        w_s = tl.load(ws_ptr + (rn // BLOCK_K) * n_kb + i, mask=rn < N, other=0.0)
+        acc += part * a_s[:, None] * w_s[None, :]
+    else:
+        w_s = tl.load(ws_ptr + (pid_n * BLOCK_N // BLOCK_K) * n_kb + i)
+        acc += part * (a_s * w_s)[:, None]
+    return acc
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, M, N, K, N_KB: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     W_ROW_SCALES: tl.constexpr):
+    """c = a @ w^T, one program per output tile; a (M, K) with scales as (n_kb, M); w (N, K) with
+    block scales (ceil(N/BLOCK_K), n_kb) or row scales (n_kb, N). Any shape: loads are masked.
+    Each BLOCK_K step is one scale group: a fresh dot, then ``_promote`` (N_C = BLOCK_K). The step
+    count N_KB = ceil(K / BLOCK_K) is a compile-time constant, as K is in the official kernel (and
+    Triton 3.6's interpreter cannot loop up to a runtime argument)."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
     a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
     w_ptrs = w_ptr + rn[None, :] * K + rk[:, None]                 # (BLOCK_K, BLOCK_N) view of w's rows
-    ws_ptrs = ws_ptr + (rn if W_ROW_SCALES else rn // BLOCK_K) * n_kb
-    as_ptrs = as_ptr + rm * n_kb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(n_kb):
+    for i in range(N_KB):
         k_ok = rk < K - i * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + i, mask=m_ok, other=0.0)
-        w_s = tl.load(ws_ptrs + i, mask=n_ok, other=0.0)
-        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        a_s = tl.load(as_ptr + i * M + rm, mask=m_ok, other=0.0)
+        acc = _promote(acc, tl.dot(a, w), a_s, ws_ptr, rn, pid_n, i, N, N_KB, BLOCK_N, BLOCK_K, W_ROW_SCALES)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fp8_gemm_tma_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, M, N, K, N_KB: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         W_ROW_SCALES: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr):
+    """The same GEMM for Hopper: tiles move by TMA and the grid is persistent.
+
+    * TMA (the copy engine, through tensor descriptors): one instruction moves a whole tile from
+      HBM to shared memory, filling zeros past the edges, so there is no address arithmetic or
+      masking in the loop and the registers stay free for the two FP32 tiles.
+    * Persistent: NUM_SMS programs loop over the tiles (in grouped order), so one program's
+      next loads overlap its last tile's store, and there is one launch wave, not several.
+    Needs 16-byte-aligned rows (K % 16 == 0; N * output bytes % 16 == 0): ``fp8_gemm`` checks."""
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(N_KB):
+            a = a_desc.load([pid_m * BLOCK_M, i * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, i * BLOCK_K])            # (BLOCK_N, BLOCK_K): w's rows
+            a_s = tl.load(as_ptr + i * M + rm, mask=rm < M, other=0.0)
+            acc = _promote(acc, tl.dot(a, w.T), a_s, ws_ptr, rn, pid_n, i, N, N_KB, BLOCK_N, BLOCK_K, W_ROW_SCALES)
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))
+
+
+def _gemm_configs(tma: bool) -> list[triton.Config]:
+    """The autotuner's search space on a GPU (BLOCK_K is fixed at 128 = one scale group).
+
+    Registers bound it: the kernel holds two FP32 tiles (the running sum and the fresh dot), so a
+    warpgroup (4 warps) holds at most 64 x 128; bigger tiles need 8 warps. Deeper pipelines
+    (num_stages) hide HBM latency but take shared memory: (BLOCK_M + BLOCK_N) * 128 bytes a stage.
+    On an H200 the TMA kernel chose 128 x 128, 3 or 4 stages, 8 warps for every DeepSeek-V3 GEMM
+    at 4096 tokens (benchmarks/README.md, "FP8 GEMM")."""
+    shapes = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8)]
+    configs = []
+    for bm, bn, warps in shapes:
+        for stages in (3, 4, 5):
+            if (bm + bn) * 128 * stages <= 200 * 1024:
+                kwargs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8)
+                if tma:
+                    kwargs["FLATTEN"] = True
+                configs.append(triton.Config(kwargs, num_stages=stages, num_warps=warps,
+                                             pre_hook=_set_tma_blocks if tma else None))
+    return configs
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotuner hook: give the tensor descriptors the block shape of the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape, nargs["w_desc"].block_shape = [bm, bk], [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner pruning: skip tiles far larger than the output (they only add tuning time)."""
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["M"]))
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["N"]))]
+    return fits or configs
+
+
+if INTERPRET:        # CI: no autotuning (each config would run in NumPy), one small fixed tile
+    _fp8_gemm_tuned = _fp8_gemm_tma_tuned = None
+else:
+    _prune = {"early_config_prune": _fitting_configs}
+    _fp8_gemm_tuned = triton.autotune(_gemm_configs(tma=False), key=["M", "N", "K"],
+                                      prune_configs_by=_prune)(_fp8_gemm_kernel)
+    _fp8_gemm_tma_tuned = triton.autotune(_gemm_configs(tma=True), key=["M", "N", "K"],
+                                          prune_configs_by=_prune)(_fp8_gemm_tma_kernel)
 
 
 # --- notebooks/05_fp8.ipynb: 6. The same operations in Triton
@@ -167,17 +278,53 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK, dtype: 
 
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-             block: int = BLOCK, out_dtype: torch.dtype = torch.float32, BLOCK_M: int = 64, BLOCK_N: int = 64):
-    """Kernel form of ``quant.fp8_gemm``: y = x W^T, w scales per block or per row."""
+             block: int = BLOCK, out_dtype: torch.dtype = torch.float32, BLOCK_M: int | None = None,
+             BLOCK_N: int | None = None, tma: bool | None = None) -> torch.Tensor:
+    """Kernel form of ``quant.fp8_gemm``: y = x W^T, w scales per block or per row.
+
+    On a GPU the tile shape and pipeline depth are autotuned once per (M, N, K) (the first call of
+    a shape times every config, which takes seconds); BLOCK_M and BLOCK_N pin one tile instead, as
+    does ``AUTOTUNE = False``.
+    ``tma`` picks the persistent TMA kernel; by default it is used on Hopper (sm_90) and newer
+    when the rows are 16-byte aligned. Under TRITON_INTERPRET=1: the pointer kernel, 64 x 64 tiles."""
     k, n = a_q.shape[-1], w_q.shape[0]
+    if w_q.dim() != 2 or w_q.shape[1] != k:
+        raise ValueError(f"inner dimensions differ: a {tuple(a_q.shape)}, w {tuple(w_q.shape)}")
     n_kb = math.ceil(k / block)
-    a2 = a_q.contiguous().reshape(-1, k)
-    m = a2.shape[0]
-    if tuple(w_scale.shape) not in ((n, n_kb), (math.ceil(n / block), n_kb)):
+    row_scales = tuple(w_scale.shape) == (n, n_kb)
+    if not row_scales and tuple(w_scale.shape) != (math.ceil(n / block), n_kb):
         raise ValueError(f"w_scale must be ({math.ceil(n / block)}, {n_kb}) or ({n}, {n_kb}), got {tuple(w_scale.shape)}")
+    if tuple(a_scale.shape) != (*a_q.shape[:-1], n_kb):
+        raise ValueError(f"a_scale must be {(*a_q.shape[:-1], n_kb)}, got {tuple(a_scale.shape)}")
+    a2, w2 = a_q.contiguous().reshape(-1, k), w_q.contiguous()
+    m = a2.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _fp8_gemm_kernel[grid](a2, w_q.contiguous(), c, a_scale.contiguous().reshape(m, n_kb).float(),
-                           w_scale.contiguous().float(), m, n, k, n_kb, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                           BLOCK_K=block, W_ROW_SCALES=tuple(w_scale.shape) == (n, n_kb))
+    if m == 0:
+        return c.reshape(*a_q.shape[:-1], n)
+    # Row scales stored (n_kb, rows): the BLOCK_M scales a tile needs at step i are contiguous.
+    a_s = a_scale.reshape(m, n_kb).float().t().contiguous()
+    w_s = w_scale.float().t().contiguous() if row_scales else w_scale.float().contiguous()
+    tma_ok = (a_q.is_cuda and torch.cuda.get_device_capability(a_q.device)[0] >= 9 and k % 16 == 0
+              and n * c.element_size() % 16 == 0 and a2.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
+    if tma is None:
+        tma = tma_ok and not INTERPRET
+    elif tma and not (tma_ok or INTERPRET):
+        raise ValueError(f"tma=True needs a Hopper GPU, K % 16 == 0 and 16-byte output rows; got a {a_q.device} "
+                         f"tensor with K = {k}, N = {n}")
+    fixed = not AUTOTUNE or BLOCK_M is not None or BLOCK_N is not None
+    tile = dict(BLOCK_M=BLOCK_M or 64, BLOCK_N=BLOCK_N or 64, GROUP_M=8) if fixed else {}
+    args = (m, n, k, n_kb)
+    if tma:
+        bm, bn = tile.get("BLOCK_M", 64), tile.get("BLOCK_N", 64)   # the autotuner's hook resets these
+        descs = (TensorDescriptor.from_tensor(a2, [bm, block]), TensorDescriptor.from_tensor(w2, [bn, block]),
+                 TensorDescriptor.from_tensor(c, [bm, bn]))
+        n_sms = torch.cuda.get_device_properties(a_q.device).multi_processor_count if a_q.is_cuda else 4
+        grid = lambda meta: (min(n_sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        kernel = _fp8_gemm_tma_kernel if fixed else _fp8_gemm_tma_tuned
+        kernel[grid](*descs, a_s, w_s, *args, BLOCK_K=block, W_ROW_SCALES=row_scales, NUM_SMS=n_sms,
+                     **(dict(tile, FLATTEN=True) if fixed else {}))
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        kernel = _fp8_gemm_kernel if fixed else _fp8_gemm_tuned
+        kernel[grid](a2, w2, c, a_s, w_s, *args, BLOCK_K=block, W_ROW_SCALES=row_scales, **tile)
     return c.reshape(*a_q.shape[:-1], n)

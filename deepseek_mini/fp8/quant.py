@@ -54,7 +54,7 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK, *, amax_floor: floa
     k = x.shape[-1]
     tiles = _pad_last(x.float(), block).unflatten(-1, (-1, block))          # (..., nk, block)
     scale = _scale_from_amax(tiles.abs().amax(-1), amax_floor, scale_fmt)   # (..., nk)
-    q = (tiles / scale.unsqueeze(-1)).to(E4M3).flatten(-2)[..., :k]         # the cast saturates at 448
+    q = (tiles / scale.unsqueeze(-1)).to(E4M3).flatten(-2)[..., :k]         # |tiles / scale| <= 448: in range
     return q, scale
 
 
