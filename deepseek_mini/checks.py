@@ -29,7 +29,8 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_group_limited_topk", "check_routing_weights", "check_update_bias", "check_sequence_balance_loss",
            "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
            "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm",
-           "check_bubble", "check_one_f_one_b"]
+           "check_bubble", "check_one_f_one_b", "check_all_to_all_counts",
+           "check_dualpipev_stage_ranks"]
 
 
 class CheckFailure(AssertionError):
@@ -1325,3 +1326,137 @@ def check_one_f_one_b(one_f_one_b: Callable) -> None:
                 i = next(i for i, (a, b) in enumerate(zip(ops, want)) if a != b)
                 _fail(ex, f"{case}: rank {r}, position {i}: got {ops[i]}, expected {want[i]}", general)
     _passed(ex, "warm-up pp-1-r forwards, one forward one backward, drain: at most pp - r micro-batches in flight")
+
+
+def _all_to_all_variant(counts: torch.Tensor, ep_size: int, placement: str = "block", self_send: bool = True,
+                        transpose_send: bool = False, transpose_received: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(send, received) of the counts all-to-all, or one of the usual mistakes.
+
+    ``placement``: "block" (rank r holds experts [r N_r/P, (r+1) N_r/P), right), "round_robin" (expert e
+    on rank e % P) or "block_of_p" (blocks of P experts: N_r/P and P swapped; send only).
+    """
+    P, n_experts = counts.shape
+    experts = torch.arange(n_experts)
+    dest = {"block": experts // (n_experts // P), "round_robin": experts % P, "block_of_p": experts // P}[placement]
+    send = torch.stack([torch.stack([counts[s, dest == d].sum() for d in range(P)]) for s in range(P)])
+    if placement == "block_of_p":
+        return send, torch.zeros(0)
+    received = torch.stack([torch.stack([counts[s, dest == d] for s in range(P)]) for d in range(P)])
+    if not self_send:
+        send = send * (1 - torch.eye(P, dtype=send.dtype))
+        received = received.clone()
+        received[range(P), range(P)] = 0
+    return (send.T if transpose_send else send), (received.transpose(0, 1) if transpose_received else received)
+
+
+def check_all_to_all_counts(all_to_all_counts: Callable) -> None:
+    """Exercise 06.3: the counts exchange of the expert-parallel all-to-all (DeepSeek-V3 §3.2.2)."""
+    ex = "all_to_all_counts"
+    layout = ("rank r holds the contiguous block of experts [r * N_r/P, (r+1) * N_r/P); send[s, d] sums row s of "
+              "counts over rank d's block, and received[d, s, e] = counts[s, d * N_r/P + e]")
+    generator = torch.Generator().manual_seed(6)
+    cases = [torch.randint(0, 6, (4, 8), generator=generator), torch.randint(0, 9, (2, 6), generator=generator),
+             torch.tensor([[3, 0, 2]]), torch.tensor([[1, 0, 4, 2], [0, 0, 0, 0], [5, 1, 0, 3], [2, 2, 1, 0]])]
+    cases[0][1, 4:6] = 0                                      # an idle block and a rank that sends it nothing
+    for counts in cases:
+        P, n_experts = counts.shape
+        case = f"all_to_all_counts(counts of shape {tuple(counts.shape)}, ep_size={P})"
+        original = counts.clone()
+        got = _call_safe(ex, all_to_all_counts, case, counts, P)
+        if not torch.equal(counts, original):
+            _fail(ex, f"{case} changed its input counts", "compute new tensors; do not write into counts")
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            _fail(ex, f"{case} returned {type(got).__name__}; expected a pair (send, received)",
+                  "return send, received")
+        shape_hint = "send is (P, P): rows each rank sends to each rank; received is (P, P, N_r/P): [receiver, " \
+                     "source, local expert]; keep counts' dtype (torch.int64)"
+        send = _tensor_of(ex, got[0], f"{case}: send", (P, P), counts.dtype, shape_hint)
+        received = _tensor_of(ex, got[1], f"{case}: received", (P, P, n_experts // P), counts.dtype, shape_hint)
+        want_send, want_received = _all_to_all_variant(counts, P)
+        send_mistakes = [(dict(transpose_send=True), "send is transposed: send[s, d] is what rank s (row s of "
+                          "counts: its own tokens) sends to rank d"),
+                         (dict(placement="round_robin"), "experts are placed round-robin (expert e on rank e % P); "
+                          "they sit in contiguous blocks: " + layout),
+                         (dict(placement="block_of_p"), "blocks of ep_size experts: a rank holds N_r / ep_size "
+                          "experts, not ep_size"),
+                         (dict(self_send=False), "the diagonal is missing: a rank also 'sends' to itself the rows "
+                          "of its own experts (the all-to-all includes the diagonal; on a GPU a local copy)")]
+        if not torch.equal(send, want_send):
+            for kw, hint in send_mistakes:
+                variant = _all_to_all_variant(counts, P, **kw)[0]
+                if not torch.equal(variant, want_send) and torch.equal(send, variant):
+                    _fail(ex, f"{case}: send is wrong", hint)
+            index = tuple(int(i) for i in (send != want_send).nonzero()[0])
+            _fail(ex, f"{case}: send{list(index)} = {int(send[index])}, expected {int(want_send[index])}", layout)
+        received_mistakes = [(dict(transpose_received=True), "received is indexed [source, receiver, expert]: "
+                              "received[d, s, e] is what rank d gets from rank s, i.e. counts[s, d * N_r/P + e]"),
+                             (dict(placement="round_robin"), "local experts taken round-robin; rank d's local "
+                              "expert e is global expert d * N_r/P + e"),
+                             (dict(self_send=False), "received[d, d] is missing: a rank's own rows for its own "
+                              "experts count too")]
+        if not torch.equal(received, want_received):
+            for kw, hint in received_mistakes:
+                variant = _all_to_all_variant(counts, P, **kw)[1]
+                if not torch.equal(variant, want_received) and torch.equal(received, variant):
+                    _fail(ex, f"{case}: received is wrong", hint)
+            index = tuple(int(i) for i in (received != want_received).nonzero()[0])
+            _fail(ex, f"{case}: received{list(index)} = {int(received[index])}, expected "
+                      f"{int(want_received[index])}", layout)
+    try:
+        _call(ex, all_to_all_counts, torch.ones(2, 5, dtype=torch.int64), 2)
+    except ValueError:
+        pass
+    except CheckFailure:
+        raise
+    except Exception as exc:
+        _fail(ex, f"all_to_all_counts(counts of shape (2, 5), ep_size=2) raised {type(exc).__name__}; expected "
+                  "ValueError", "5 experts cannot be split over 2 ranks: raise ValueError with a one-line message")
+    else:
+        _fail(ex, "all_to_all_counts(counts of shape (2, 5), ep_size=2) returned; expected ValueError",
+              "5 experts cannot be split over 2 ranks: check n_experts % ep_size and raise ValueError")
+    _passed(ex, "send[s, d] and received[d, s, e]: the counts matrix transposes, contiguous expert blocks, "
+                "the diagonal included")
+
+
+def check_dualpipev_stage_ranks(dualpipev_stage_ranks: Callable) -> None:
+    """Exercise 06.4: the rank of each of DualPipeV's 2*pp stages (the V; DeepSeek-V3 §3.2.1)."""
+    ex = "dualpipev_stage_ranks"
+    general = "stage s < pp on rank s; stage s >= pp on rank 2 * pp - 1 - s (down the ranks, then back up)"
+    for pp in (4, 1, 3, 8):
+        case = f"dualpipev_stage_ranks({pp})"
+        got = _call_safe(ex, dualpipev_stage_ranks, case, pp)
+        if isinstance(got, torch.Tensor):
+            got = got.tolist()
+        if not isinstance(got, (list, tuple)):
+            _fail(ex, f"{case} returned {type(got).__name__}; expected a list of 2 * pp ranks", general)
+        if got and all(isinstance(g, (list, tuple)) for g in got):
+            _fail(ex, f"{case} returned a list of lists", "return the rank of each stage (a flat list of 2 * pp "
+                  "ints), not the stages of each rank")
+        if len(got) == pp and pp > 1:
+            _fail(ex, f"{case} returned {len(got)} entries, one per rank; expected 2 * pp = {2 * pp}, one per stage",
+                  "DualPipeV cuts the model into 2 * pp stages, two per rank")
+        if len(got) != 2 * pp:
+            _fail(ex, f"{case} returned {len(got)} entries; expected 2 * pp = {2 * pp}", general)
+        try:
+            ranks = [operator.index(r) for r in got]
+        except TypeError:
+            _fail(ex, f"{case} returned {got!r}; the ranks must be ints", general)
+        expected = [s if s < pp else 2 * pp - 1 - s for s in range(2 * pp)]
+        if ranks == expected:
+            continue
+        mistakes = [([s % pp for s in range(2 * pp)], "that is the looped (interleaved) placement, stage s on "
+                     "rank s % pp; the V comes back up: stage pp + i on rank pp - 1 - i, so the last stage (head "
+                     "and loss) is on rank 0 with the first"),
+                    ([s if s < pp else 2 * pp - s for s in range(2 * pp)], "off by one on the way back: stage s >= "
+                     "pp is on rank 2 * pp - 1 - s (stage pp on rank pp - 1), not 2 * pp - s"),
+                    ([pp - 1 - s if s < pp else s - pp for s in range(2 * pp)], "the V is upside down: stage 0 "
+                     "(where the micro-batch enters) is on rank 0")]
+        for variant, hint in mistakes:
+            if variant != expected and ranks == variant:
+                _fail(ex, f"{case} returned {ranks}, expected {expected}", hint)
+        bad = next(((s, r) for s, r in enumerate(ranks) if not 0 <= r < pp), None)
+        if bad:
+            _fail(ex, f"{case}: stage {bad[0]} on rank {bad[1]}, but the ranks are 0..{pp - 1}", general)
+        _fail(ex, f"{case} returned {ranks}, expected {expected}", general)
+    _passed(ex, "the V: rank r holds stages r and 2*pp-1-r, the first and last stage on rank 0")

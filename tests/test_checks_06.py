@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from deepseek_mini import checks
 from deepseek_mini.checks import CheckFailure
-from deepseek_mini.parallel.schedules import bubble_formula, schedule_1f1b
+from deepseek_mini.parallel.schedules import bubble_formula, schedule_1f1b, stage_rank
 
-CHECKS = [checks.check_bubble, checks.check_one_f_one_b]
+CHECKS = [checks.check_bubble, checks.check_one_f_one_b, checks.check_all_to_all_counts,
+          checks.check_dualpipev_stage_ranks]
 
 
 def _failure(check, fn) -> str:
@@ -227,3 +229,123 @@ def test_one_f_one_b_names_the_rank_that_holds_too_much():
 
     text = _failure(checks.check_one_f_one_b, two_ahead)
     assert "rank 1 holds 4 micro-batches in flight at once; 1F1B holds at most pp - r = 3" in text
+
+
+# ----------------------------------------------------------------- 06.3 the counts all-to-all
+
+
+def _all_to_all_counts(counts, ep_size):
+    """Exercise 3 with a view: [source, destination rank, local expert]."""
+    P, n_experts = counts.shape
+    if n_experts % ep_size:
+        raise ValueError(f"n_experts ({n_experts}) must be divisible by ep_size ({ep_size})")
+    blocks = counts.view(P, ep_size, n_experts // ep_size)
+    return blocks.sum(-1), blocks.transpose(0, 1).contiguous()
+
+
+def _all_to_all_loops(counts, ep_size):
+    """Exercise 3 with loops, as a learner new to views writes it (a tuple of a tensor and a tensor)."""
+    P, n_experts = counts.shape
+    if n_experts % ep_size:
+        raise ValueError("indivisible")
+    per = n_experts // ep_size
+    send = torch.zeros(P, P, dtype=counts.dtype)
+    received = torch.zeros(P, P, per, dtype=counts.dtype)
+    for s in range(P):
+        for e in range(n_experts):
+            send[s, e // per] += counts[s, e]
+            received[e // per, s, e % per] = counts[s, e]
+    return send, received
+
+
+def test_all_to_all_counts_passes_correct_answers_and_the_chapter_example(capsys):
+    checks.check_all_to_all_counts(_all_to_all_counts)
+    checks.check_all_to_all_counts(_all_to_all_loops)
+    assert capsys.readouterr().out.count("✓") == 2
+    send, received = _all_to_all_counts(torch.tensor([[2, 1, 1, 2], [1, 0, 2, 1]]), 2)     # notebook 06, §7.1
+    assert send.tolist() == [[3, 3], [1, 3]] and received.tolist() == [[[2, 1], [1, 0]], [[1, 2], [2, 1]]]
+
+
+def _all_to_all_wrong(mistake):
+    def fn(counts, ep_size):
+        if mistake == "no_value_error":
+            per = counts.shape[1] // ep_size
+            return _all_to_all_counts(counts[:, :per * ep_size], ep_size)
+        if counts.shape[1] % ep_size:
+            raise ValueError("indivisible")
+        if mistake in ("transpose_send", "placement", "self_send", "transpose_received"):
+            kw = {"placement": {"placement": "round_robin"}, "self_send": {"self_send": False}}.get(mistake, {mistake: True})
+            return checks._all_to_all_variant(counts, ep_size, **kw)
+        send, received = _all_to_all_counts(counts, ep_size)
+        if mistake == "block_of_p":
+            return checks._all_to_all_variant(counts, ep_size, placement="block_of_p")[0], received
+        if mistake == "summed_sources":
+            return send, received.sum(1)
+        if mistake == "float":
+            return send.float(), received.float()
+        if mistake == "off_by_one":
+            return send, received + (received == 3).long()
+        raise AssertionError(mistake)
+    return fn
+
+
+@pytest.mark.parametrize("mistake,message", [
+    ("transpose_send", "send is transposed"),
+    ("placement", "experts are placed round-robin"),
+    ("block_of_p", "a rank holds N_r / ep_size experts, not ep_size"),
+    ("self_send", "the diagonal is missing"),
+    ("transpose_received", "received is indexed \\[source, receiver, expert\\]"),
+    ("summed_sources", "received has shape \\(4, 2\\), expected \\(4, 4, 2\\)"),
+    ("float", "send has dtype torch.float32, expected torch.int64"),
+    ("off_by_one", "received\\[.*\\] = 4, expected 3"),
+    ("no_value_error", "returned; expected ValueError"),
+])
+def test_all_to_all_counts_mistakes_are_named(mistake, message):
+    text = _failure(checks.check_all_to_all_counts, _all_to_all_wrong(mistake))
+    assert re.search(message, text), text
+
+
+def test_all_to_all_counts_cases_separate_every_mistake():
+    """On the check's first case every planted variant differs from the answer (else its hint could not fire)."""
+    counts = torch.randint(0, 6, (4, 8), generator=torch.Generator().manual_seed(6))
+    counts[1, 4:6] = 0
+    send, received = checks._all_to_all_variant(counts, 4)
+    for kw in [dict(transpose_send=True), dict(placement="round_robin"), dict(placement="block_of_p"),
+               dict(self_send=False)]:
+        assert not torch.equal(checks._all_to_all_variant(counts, 4, **kw)[0], send), kw
+    for kw in [dict(transpose_received=True), dict(placement="round_robin"), dict(self_send=False)]:
+        assert not torch.equal(checks._all_to_all_variant(counts, 4, **kw)[1], received), kw
+
+
+def test_all_to_all_counts_names_a_function_that_changes_its_input():
+    def in_place(counts, ep_size):
+        out = _all_to_all_counts(counts.clone(), ep_size)
+        counts.zero_()
+        return out
+
+    assert "changed its input counts" in _failure(checks.check_all_to_all_counts, in_place)
+
+
+# ----------------------------------------------------------------- 06.4 DualPipeV's V
+
+
+def test_dualpipev_stage_ranks_passes_correct_answers(capsys):
+    checks.check_dualpipev_stage_ranks(lambda pp: [stage_rank("dualpipev", pp, s) for s in range(2 * pp)])
+    checks.check_dualpipev_stage_ranks(lambda pp: list(range(pp)) + list(reversed(range(pp))))
+    checks.check_dualpipev_stage_ranks(lambda pp: torch.tensor([min(s, 2 * pp - 1 - s) for s in range(2 * pp)]))
+    assert capsys.readouterr().out.count("✓") == 3
+
+
+@pytest.mark.parametrize("fn,message", [
+    (lambda pp: [s % pp for s in range(2 * pp)], "the looped \\(interleaved\\) placement"),
+    (lambda pp: [s if s < pp else 2 * pp - s for s in range(2 * pp)], "off by one on the way back"),
+    (lambda pp: [pp - 1 - s if s < pp else s - pp for s in range(2 * pp)], "the V is upside down"),
+    (lambda pp: [[r, 2 * pp - 1 - r] for r in range(pp)], "not the stages of each rank"),
+    (lambda pp: list(range(pp)), "one per rank; expected 2 \\* pp = 8, one per stage"),
+    (lambda pp: [s if s < pp else s + 1 for s in range(2 * pp)], "stage 4 on rank 5, but the ranks are 0..3"),
+    (lambda pp: [0] * (2 * pp), "returned \\[0, 0, 0, 0, 0, 0, 0, 0\\], expected \\[0, 1, 2, 3, 3, 2, 1, 0\\]"),
+    (lambda pp: [float(min(s, 2 * pp - 1 - s)) for s in range(2 * pp)], "the ranks must be ints"),
+], ids=["looped", "off-by-one", "upside-down", "per-rank", "per-rank-length", "out-of-range", "all-zero", "floats"])
+def test_dualpipev_stage_ranks_mistakes_are_named(fn, message):
+    text = _failure(checks.check_dualpipev_stage_ranks, fn)
+    assert re.search(message, text), text

@@ -23,6 +23,7 @@ from deepseek_mini import build_model
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.moe import MoE, group_limited_topk, moe_layers, update_bias
 from deepseek_mini.parallel import AllToAllDispatcher, expert_traffic, run_workers, shard_experts
+from deepseek_mini.parallel.demo import demo_batch, demo_moe, expert_parallel_step
 
 WORLD_SIZE = 4
 DIM, INTER, N_EXPERTS, TOPK = 16, 8, 8, 2
@@ -35,6 +36,7 @@ SEEDS = {2: (3, 4), 4: (1,)}                   # the batch of each EP group
 EMPTY_RANK = [6, 0]                            # 2 ranks, the second without a token
 SEQUENCES = {2: [3, 1], 4: [2, 1, 1, 1]}       # toy-model sequences on each rank
 SEQ_LEN = 8
+DEMO_TOKENS = [5, 3, 7, 1]                     # notebook 06 §7.2
 
 
 def make_moe(n_experts: int = N_EXPERTS) -> MoE:
@@ -107,6 +109,7 @@ def ep_worker(rank: int, world_size: int) -> dict:
             shard_experts(make_moe(N_EXPERTS + 1), group)
         except ValueError as error:
             errors["indivisible"] = str(error)
+    out["demo"] = expert_parallel_step(rank, world_size, DEMO_TOKENS)      # notebook 06's worker, EP4 over WORLD
     try:
         AllToAllDispatcher().combine(torch.zeros(0, DIM), [])
     except RuntimeError as error:
@@ -298,3 +301,31 @@ def test_launcher_refuses_what_spawn_cannot_send():
         run_workers(lambda rank, world_size: None, 2)
     with pytest.raises(ValueError, match="world_size"):
         run_workers(sleeping_worker, 0)
+
+
+def test_notebook_worker_equals_one_process_and_reports_the_counts_exchange(workers):
+    """deepseek_mini.parallel.demo.expert_parallel_step (notebook 06 §7.2): outputs, input and expert gradients
+    equal the single-process layer; what each rank received is the column of what the ranks sent."""
+    demo = [w["demo"] for w in workers]
+    moe, (x, target) = demo_moe(), demo_batch(DEMO_TOKENS)
+    x.requires_grad_()
+    y = moe(x)
+    (y * target).sum().backward()
+    torch.testing.assert_close(torch.cat([d["y"] for d in demo]), y.detach())
+    torch.testing.assert_close(torch.cat([d["x_grad"] for d in demo]), x.grad)
+    for name in ("w1", "w2", "w3"):
+        torch.testing.assert_close(torch.cat([d[name] for d in demo]), getattr(moe.experts, name).grad)
+    assert [d["experts"] for d in demo] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    for rank, d in enumerate(demo):
+        assert len(d["sent"]) == N_EXPERTS and sum(d["sent"]) == TOPK * DEMO_TOKENS[rank]
+        assert d["received"] == [demo[s]["sent"][2 * rank:2 * rank + 2] for s in range(WORLD_SIZE)]
+        assert d["local_counts"] == [sum(demo[s]["sent"][e] for s in range(WORLD_SIZE)) for e in d["experts"]]
+
+
+def test_notebook_worker_inputs_are_checked():
+    with pytest.raises(ValueError, match=r"tokens \(\[1, 2\]\) must give one count per rank \(4\)"):
+        expert_parallel_step(0, 4, [1, 2])
+    with pytest.raises(ValueError, match="topk"):
+        demo_moe(n_experts=2, topk=3)
+    with pytest.raises(ValueError, match=">= 0"):
+        demo_batch([2, -1])

@@ -8,8 +8,9 @@ model from outside.
   memory against the paper's Table 2, and Figure-5-style plots;
 * ``deepseek_mini.parallel.overlap`` (notebook 06): a two-stream model of one overlapped
   forward/backward chunk pair (attention, dispatch, MLP, combine, PP send; Figure 4);
-* ``deepseek_mini.parallel.expert``: expert parallelism, the MoE exchange as an all-to-all
-  (``AllToAllDispatcher``, ``shard_experts``) and the traffic of node-limited routing;
+* ``deepseek_mini.parallel.expert`` (notebook 06): expert parallelism, the MoE exchange as an
+  all-to-all (``AllToAllDispatcher``, ``shard_experts``) and the traffic of node-limited routing;
+* ``deepseek_mini.parallel.demo``: notebook 06's expert-parallel worker for ``run_workers``;
 * ``deepseek_mini.parallel.distributed``: process groups from ``torchrun``'s environment, the
   (pp, edp, ep) device mesh, gloo on CPU and NCCL on GPUs;
 * ``deepseek_mini.parallel.launch``: spawned workers and ``torchrun`` subprocesses with a hard
