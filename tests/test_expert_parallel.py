@@ -36,7 +36,7 @@ SEEDS = {2: (3, 4), 4: (1,)}                   # the batch of each EP group
 EMPTY_RANK = [6, 0]                            # 2 ranks, the second without a token
 SEQUENCES = {2: [3, 1], 4: [2, 1, 1, 1]}       # toy-model sequences on each rank
 SEQ_LEN = 8
-DEMO_TOKENS = [5, 3, 7, 1]                     # notebook 06 §7.2
+DEMO_TOKENS = [5, 3, 7, 1]                     # notebook 06 §7.3
 
 
 def make_moe(n_experts: int = N_EXPERTS) -> MoE:
@@ -304,7 +304,7 @@ def test_launcher_refuses_what_spawn_cannot_send():
 
 
 def test_notebook_worker_equals_one_process_and_reports_the_counts_exchange(workers):
-    """deepseek_mini.parallel.demo.expert_parallel_step (notebook 06 §7.2): outputs, input and expert gradients
+    """deepseek_mini.parallel.demo.expert_parallel_step (notebook 06 §7.3): outputs, input and expert gradients
     equal the single-process layer; what each rank received is the column of what the ranks sent."""
     demo = [w["demo"] for w in workers]
     moe, (x, target) = demo_moe(), demo_batch(DEMO_TOKENS)

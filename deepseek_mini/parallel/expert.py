@@ -55,7 +55,7 @@ from deepseek_mini.moe import GroupedExperts, moe_layers
 __all__ = ['AllToAll', 'ExchangePlan', 'AllToAllDispatcher', 'shard_experts', 'Traffic', 'expert_traffic']
 
 
-# --- notebooks/06_dualpipe.ipynb: 7.1 The all-to-all by hand
+# --- notebooks/06_dualpipe.ipynb: 7.2 The dispatcher, written once
 class AllToAll(torch.autograd.Function):
     """``dist.all_to_all_single`` of rows, differentiable: the backward is the reverse all-to-all.
 
@@ -78,7 +78,7 @@ class AllToAll(torch.autograd.Function):
         return grad_rows, None, None, None
 
 
-# --- notebooks/06_dualpipe.ipynb: 7.1 The all-to-all by hand
+# --- notebooks/06_dualpipe.ipynb: 7.2 The dispatcher, written once
 class ExchangePlan(NamedTuple):
     """What ``dispatch`` learned and ``combine`` needs to undo it.
 
@@ -169,7 +169,7 @@ class AllToAllDispatcher:
         return rows
 
 
-# --- notebooks/06_dualpipe.ipynb: 7.1 The all-to-all by hand
+# --- notebooks/06_dualpipe.ipynb: 7.2 The dispatcher, written once
 def shard_experts(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Keep only this rank's routed experts in every MoE layer of ``module`` and plug in the all-to-all.
 
@@ -203,7 +203,7 @@ def shard_experts(module: nn.Module, group: dist.ProcessGroup | None = None) -> 
     return module
 
 
-# --- notebooks/06_dualpipe.ipynb: 7.1 The all-to-all by hand
+# --- notebooks/06_dualpipe.ipynb: 7.2 The dispatcher, written once
 class Traffic(NamedTuple):
     """Where one MoE layer's dispatch sends its tokens (``expert_traffic``), counted two ways.
 
