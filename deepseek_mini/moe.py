@@ -196,10 +196,14 @@ def moe_combine(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, t
 
 
 def moe_staged(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: nn.ModuleList,
-               dispatcher: LocalDispatcher | None = None) -> torch.Tensor:
-    """``moe_dispatch`` as permute -> exchange -> experts -> combine, the exchange injectable."""
+               dispatcher: LocalDispatcher | None = None, n_experts: int | None = None) -> torch.Tensor:
+    """``moe_dispatch`` as permute -> exchange -> experts -> combine, the exchange injectable.
+
+    ``n_experts`` is N_r, the number of routed experts the counts cover: ``len(experts)`` unless the
+    experts are split over ranks (chapter 06), where this rank holds only some of them.
+    """
     dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
-    rows, order, token, counts = moe_permute(x, indices, len(experts))
+    rows, order, token, counts = moe_permute(x, indices, len(experts) if n_experts is None else n_experts)
     rows, local_counts = dispatcher.dispatch(rows, counts)
     out = dispatcher.combine(moe_experts(rows, local_counts, experts), counts)
     return moe_combine(out, weights, order, token, x)
@@ -422,7 +426,7 @@ class MoE(FP32Buffers):
             mask = None if token_mask is None else token_mask.reshape(-1)
             self.tokens_per_expert += expert_load(indices, self.n_routed_experts, mask)
         if self.dispatch == "sorted" and not h.is_meta:
-            y = moe_staged(h, weights, indices, self.experts, self.dispatcher)
+            y = moe_staged(h, weights, indices, self.experts, self.dispatcher, self.n_routed_experts)
         else:
             y = moe_every_expert(h, weights, indices, self.experts)
         if self.shared_experts is not None:

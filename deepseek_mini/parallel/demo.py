@@ -59,8 +59,7 @@ def expert_parallel_step(rank: int, world_size: int, tokens: list[int], n_expert
 
     def recording_dispatch(rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         out = dispatch(rows, counts)
-        sent = list(counts) + [0] * (n_experts - len(counts))   # last used expert (moe.py's seam)
-        seen.update(sent=sent, received=dispatcher._plan.received, local_counts=out[1])
+        seen.update(sent=list(counts), received=dispatcher._plan.received, local_counts=out[1])
         return out
 
     dispatcher.dispatch = recording_dispatch

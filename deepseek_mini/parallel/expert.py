@@ -129,11 +129,8 @@ class AllToAllDispatcher:
     def dispatch(self, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         """rows (n, d) sorted by global expert -> (rows of the local experts (m, d), their counts)."""
         n_experts = len(counts) if self.n_experts is None else self.n_experts
-        if len(counts) > n_experts:
+        if len(counts) != n_experts:
             raise ValueError(f"got counts for {len(counts)} experts, the layer has {n_experts}")
-        # moe_staged counts with bincount(minlength=len(experts)), the *local* number once sharded:
-        # the trailing idle experts are missing from its counts. They are zeros.
-        counts = list(counts) + [0] * (n_experts - len(counts))
         per_rank = len(self.local_experts(n_experts))
         if sum(counts) != rows.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)}, but {rows.shape[0]} rows were given")
