@@ -132,3 +132,11 @@ def test_mesh_shape():
         mesh_shape(4, pp=2, ep=4)
     with pytest.raises(ValueError, match="must be a positive integer"):
         mesh_shape(4, ep=0)
+
+
+def test_parallel_training_refuses_an_untested_torch():
+    from deepseek_mini.parallel.distributed import check_torch_version
+    check_torch_version("2.13.0+cpu")
+    check_torch_version("3.0.1")
+    with pytest.raises(ValueError, match=r"needs torch >= 2.13 .* found torch 2.11.0\+cu130: upgrade torch"):
+        check_torch_version("2.11.0+cu130")

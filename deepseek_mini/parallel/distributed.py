@@ -133,6 +133,23 @@ class ParallelContext:
         return self.rank == 0
 
 
+TESTED_TORCH = (2, 13)      # parallel training is tested with torch 2.13; on torch 2.11 gloo failed mid-run
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse a torch older than the one parallel training is tested with, with a one-line reason.
+
+    Multi-process training runs on torch.distributed's newest parts (DeviceMesh flattening,
+    ``ScheduleDualPipeV``, FSDP2); on torch 2.11 a 4-process pp 2 x ep 2 run failed inside gloo
+    ("Pair is not connected") where torch 2.13 passes every test.
+    """
+    version = torch.__version__ if version is None else version
+    major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if major_minor < TESTED_TORCH:
+        raise ValueError(f"parallel training needs torch >= {'.'.join(map(str, TESTED_TORCH))} (the version it is "
+                         f"tested with; torch 2.11's gloo failed mid-run), found torch {version}: upgrade torch")
+
+
 def init_distributed(pp: int = 1, ep: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
     """Join the process group ``torchrun`` (or ``launch.run_workers``) set up and build the (pp, edp, ep) mesh.
 
@@ -142,6 +159,7 @@ def init_distributed(pp: int = 1, ep: int = 1, timeout_s: float = DEFAULT_TIMEOU
     if not launched_by_torchrun():
         raise ValueError("no process group to join: launch with torchrun, e.g. "
                          "'torchrun --nproc-per-node 2 -m deepseek_mini.train --config toy --pp 2'")
+    check_torch_version()
     world = int(os.environ["WORLD_SIZE"])
     shape = mesh_shape(world, pp, ep)
     backend, device_type = pick_backend()
