@@ -72,6 +72,7 @@ from deepseek_mini.model import Transformer, cut
 from deepseek_mini.moe import MoE, moe_layers
 from deepseek_mini.parallel.distributed import ParallelContext
 from deepseek_mini.parallel.expert import AllToAllDispatcher, shard_experts
+from deepseek_mini.parallel.overlap_fb import install_overlap
 
 __all__ = ["SCHEDULES", "stages_per_rank", "stage_placement", "split_layers", "default_microbatches", "AddLoss",
            "StageModule", "PipelineRunner", "sharded_experts", "clip_grad_norm", "save_sharded", "load_sharded"]
@@ -181,6 +182,19 @@ class StageModule(nn.Module):
         return out
 
 
+def _second_ep_group(ctx: ParallelContext) -> dist.ProcessGroup:
+    """A second communicator over this rank's EP ranks. Every rank creates every EP group's copy
+    (``new_group`` is collective); the (pp, edp, ep) mesh puts each EP group on ``ep`` consecutive ranks."""
+    mine = None
+    for start in range(0, ctx.world, ctx.ep):
+        group = dist.new_group(list(range(start, start + ctx.ep)))
+        if start <= ctx.rank < start + ctx.ep:
+            mine = group
+    if dist.get_process_group_ranks(ctx.ep_group) != dist.get_process_group_ranks(mine):
+        raise RuntimeError("the EP group is not ep consecutive ranks: the mesh layout changed")
+    return mine
+
+
 def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in float32, as ``deepseek_mini.train`` computes it."""
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -212,8 +226,10 @@ class PipelineRunner:
     """
 
     def __init__(self, ctx: ParallelContext, model: Transformer, schedule: str, n_microbatches: int,
-                 batch_shape: tuple[int, int, int], hooks: Sequence[TrainHook] = ()) -> None:
+                 batch_shape: tuple[int, int, int], hooks: Sequence[TrainHook] = (), overlap: bool = False) -> None:
         check_schedule(schedule)
+        if overlap and schedule != "dualpipev":
+            raise ValueError(f"overlap needs schedule 'dualpipev' (its OVERLAP_F_B pairs), got {schedule!r}")
         self.ctx, self.schedule_name, self.n_microbatches = ctx, schedule, n_microbatches
         placement = stage_placement(schedule, ctx.pp)
         self.n_stages = ctx.pp * stages_per_rank(schedule)
@@ -225,10 +241,13 @@ class PipelineRunner:
         self.modules: list[StageModule] = []
         stages = []
         self.expert_params: list[nn.Parameter] = []
-        for sid in self.stage_ids:
+        # With overlap the rank's two stages run at the same time in two threads (overlap_fb): the
+        # second stage gets its own EP communicator, so the two threads' all-to-alls never share one.
+        ep_groups = [ctx.ep_group, _second_ep_group(ctx) if overlap and ctx.ep > 1 else ctx.ep_group]
+        for slot, sid in enumerate(self.stage_ids):
             part = cut(model, layers[sid], embed=sid == 0, head=sid == self.n_stages - 1).to(ctx.device)
             if ctx.ep > 1 and moe_layers(part):
-                shard_experts(part, ctx.ep_group)
+                shard_experts(part, ep_groups[slot])
             experts = list(sharded_experts([part]).values())
             self.expert_params += experts
             module = StageModule(part, hooks, ctx.device.type)
@@ -247,6 +266,8 @@ class PipelineRunner:
             self.schedule = ScheduleInterleavedZeroBubble(stages, n_microbatches, loss_fn=_lm_loss)
         else:
             self.schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=_lm_loss)
+            if overlap:
+                install_overlap(self.schedule)
         self._warm_up(*batch_shape)
 
     def _warm_up(self, batch: int, length: int, extra_targets: int) -> None:

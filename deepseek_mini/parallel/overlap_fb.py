@@ -1,0 +1,112 @@
+"""A real overlapped forward/backward chunk pair for DualPipeV (DeepSeek-V3 §3.2.1, Figure 4).
+
+DualPipeV's steady state runs, on each rank, the forward of one micro-batch through one of its two
+stages *paired with* the backward of another micro-batch through its other stage: torch's
+``ScheduleDualPipeV`` emits these pairs as ``OVERLAP_F_B`` actions whose two ``sub_actions`` are a
+``FORWARD`` and a ``FULL_BACKWARD`` on different stages. torch's default runs them one after the
+other, so the MoE all-to-alls of each chunk leave the rank idle. §3.2.1 instead overlaps them: while
+one chunk waits on its dispatch or combine, the other computes.
+
+``overlap_forward_backward`` is a custom ``OVERLAP_F_B`` function that does this at the granularity
+torch allows without rewriting the model: the backward chunk runs in a second thread while the
+forward chunk runs in the calling thread. Every MoE all-to-all (``AllToAllDispatcher``) of one chunk
+then blocks only its own thread; torch releases the GIL inside its kernels and collectives, so the
+other chunk's attention and expert GEMMs run meanwhile. The two chunks are on different stages,
+and ``PipelineRunner(..., overlap=True)`` gives the rank's second stage its own expert-parallel
+process group (same ranks, a second communicator), so the collectives of the two threads never
+share a group: within each group every EP rank issues them in the same order (one chunk's layers
+in order), as a process group requires. Autograd saves the group in each all-to-all's context, so
+a stage's backward exchanges on the group its forward used, whichever thread runs it.
+
+What stays in the calling thread (torch's runtime bookkeeping is not thread safe): waiting for the
+pipeline receives of both chunks, fetching the loss, counting backwards (the last one triggers
+nothing here: FSDP2's gradient reduction is a separate ``REDUCE_GRAD`` action), and handing the
+outputs to the rank's other stage (the V's local hand-over). The pipeline sends are separate
+actions that follow the pair and are asynchronous already.
+
+On CUDA the backward thread issues its kernels on a side stream ordered after the main stream, and
+the main stream waits for it at the end. Autograd runs a backward kernel on the stream of its
+forward kernel, so the overlap on a GPU comes mainly from NCCL running one chunk's all-to-all on its
+own stream while the other chunk's kernels run: the thing to measure (``benchmarks/dualpipe_overlap.py``).
+
+This uses torch 2.13's runtime internals (``_PipelineContext``, the schedule's receive maps,
+``_maybe_compute_loss``); ``check_torch_version`` pins the version the parallel code was tested on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.distributed.pipelining.schedules import (FORWARD, FULL_BACKWARD, OVERLAP_F_B, _Action,
+                                                    _PipelineContext, _wait_batch_p2p)
+
+__all__ = ["overlap_forward_backward", "install_overlap"]
+
+
+def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
+    """Run ``action``'s forward and backward sub-actions at the same time: backward in a second thread.
+
+    Gives the same results as torch's default (forward, then backward): the two chunks touch
+    different stages, so they share no parameter, activation or gradient.
+    """
+    schedule = ctx.schedule_ref
+    if action.sub_actions is None or [a.computation_type for a in action.sub_actions] != [FORWARD, FULL_BACKWARD]:
+        raise ValueError(f"OVERLAP_F_B action {action} must hold a FORWARD then a FULL_BACKWARD sub-action")
+    fwd, bwd = action.sub_actions
+    stages = {stage.stage_index: stage for stage in schedule._stages}
+    if fwd.stage_index == bwd.stage_index:
+        raise ValueError(f"cannot overlap forward and backward of the same stage {fwd.stage_index}: "
+                         "they would share the stage's expert-parallel group")
+    f_stage, b_stage = stages[fwd.stage_index], stages[bwd.stage_index]
+    f_mb, b_mb = fwd.microbatch_index, bwd.microbatch_index
+
+    # Bookkeeping in this thread, exactly as torch's runtime does it for the two actions.
+    for stage in (f_stage, b_stage):
+        schedule._assert_unsharded(stage)
+    if not f_stage.is_first and fwd.stage_index - 1 not in stages:
+        _wait_batch_p2p(schedule.fwd_recv_ops.pop((fwd.stage_index, f_mb)))
+    if not b_stage.is_last and bwd.stage_index + 1 not in stages:
+        _wait_batch_p2p(schedule.bwd_recv_ops.pop((bwd.stage_index, b_mb)))
+    loss = schedule._maybe_get_loss(b_stage, b_mb)
+    schedule.backward_counter[bwd.stage_index] += 1
+    last_backward = schedule.backward_counter[bwd.stage_index] == schedule._n_microbatches
+
+    cuda = f_stage.device.type == "cuda"
+    side = torch.cuda.Stream(device=f_stage.device) if cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(f_stage.device))
+    failure: list[BaseException] = []
+
+    def backward() -> None:
+        try:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=True, last_backward=last_backward)
+        except BaseException as error:      # re-raised in the calling thread
+            failure.append(error)
+
+    thread = threading.Thread(target=backward, name=f"backward stage {bwd.stage_index} mb {b_mb}")
+    thread.start()
+    try:
+        output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb])  # type: ignore[index]
+        schedule._maybe_compute_loss(f_stage, output, ctx.target_mbs, f_mb)
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+    if side is not None:
+        torch.cuda.current_stream(f_stage.device).wait_stream(side)
+    # The V's local hand-overs (torch's [Note: V-schedule special case]): no send between own stages.
+    if fwd.stage_index + 1 in stages:
+        stages[fwd.stage_index + 1].set_local_fwd_input(output, f_mb)
+    if bwd.stage_index - 1 in stages:
+        stages[bwd.stage_index - 1].set_local_bwd_input(b_stage.get_local_bwd_output(b_mb), b_mb)
+
+
+def install_overlap(schedule: Any) -> None:
+    """Register ``overlap_forward_backward`` for the ``OVERLAP_F_B`` actions of a ``ScheduleDualPipeV``."""
+    if not hasattr(schedule, "register_custom_function"):
+        raise ValueError(f"{type(schedule).__name__} takes no custom functions: overlap needs ScheduleDualPipeV")
+    schedule.register_custom_function(OVERLAP_F_B, overlap_forward_backward)
