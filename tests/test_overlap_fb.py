@@ -67,3 +67,20 @@ def test_overlap_equals_the_default_pair():
 def test_overlap_needs_dualpipev():
     with pytest.raises(ValueError, match="overlap needs schedule 'dualpipev'"):
         PipelineRunner(None, None, "1f1b", 2, (2, 16, 0), overlap=True)   # refused before ctx or model is read
+
+
+def test_benchmark_checks_agreement_and_prints_both_timings(capsys, monkeypatch):
+    import importlib
+    from pathlib import Path
+    # An importable module (not one loaded from a file spec): spawned workers import ``bench`` by name.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("dualpipe_overlap")
+    assert bench.parse_overrides(["hidden_size=64", "rope_theta=1e4", "attn_impl=naive"]) == {
+        "hidden_size": 64, "rope_theta": 1e4, "attn_impl": "naive"}
+    with pytest.raises(ValueError, match="key=value"):
+        bench.parse_overrides(["hidden_size"])
+    bench.main(["--procs", "2", "--pp", "1", "--ep", "2", "--batch", "4", "--seq-len", "8", "--steps", "1",
+                "--rounds", "1", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert "overlapped F&B pairs per step on rank 0: 1" in out and "gradients differ by at most 0.0e+00" in out
+    assert "default" in out and "overlap" in out and "ratio default / overlap" in out

@@ -75,7 +75,7 @@ def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
     last_backward = schedule.backward_counter[bwd.stage_index] == schedule._n_microbatches
 
     cuda = f_stage.device.type == "cuda"
-    side = torch.cuda.Stream(device=f_stage.device) if cuda else None
+    side = _side_stream(f_stage.device) if cuda else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(f_stage.device))
     failure: list[BaseException] = []
@@ -103,6 +103,16 @@ def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
         stages[fwd.stage_index + 1].set_local_fwd_input(output, f_mb)
     if bwd.stage_index - 1 in stages:
         stages[bwd.stage_index - 1].set_local_bwd_input(b_stage.get_local_bwd_output(b_mb), b_mb)
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the backward chunks (created once, reused by every pair)."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
 
 
 def install_overlap(schedule: Any) -> None:

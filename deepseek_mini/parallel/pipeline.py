@@ -223,6 +223,9 @@ class PipelineRunner:
     batch and returns the mean micro-batch loss (on the last stage's rank, else None) and the
     hooks' extra losses of this rank's stages (sums over stages, means over micro-batches).
     After it every gradient is the single-process gradient of the whole batch (``sync_expert_grads``).
+    ``overlap`` (DualPipeV only): run each of the schedule's overlapped forward/backward pairs
+    concurrently (``overlap_fb.overlap_forward_backward``, §3.2.1), the rank's second stage on its
+    own expert-parallel communicator; the results are those of torch's sequential pair.
     """
 
     def __init__(self, ctx: ParallelContext, model: Transformer, schedule: str, n_microbatches: int,
