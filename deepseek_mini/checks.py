@@ -1350,6 +1350,19 @@ def _all_to_all_variant(counts: torch.Tensor, ep_size: int, placement: str = "bl
     return (send.T if transpose_send else send), (received.transpose(0, 1) if transpose_received else received)
 
 
+def _diagnose_counts(ex: str, case: str, name: str, got: torch.Tensor, want: torch.Tensor,
+                     mistakes: list[tuple[dict, str]], variant: Callable[[dict], torch.Tensor], hint: str) -> None:
+    """Fail naming the first known mistake whose result ``got`` equals, else the first wrong element."""
+    if torch.equal(got, want):
+        return
+    for kw, mistake in mistakes:
+        wrong = variant(kw)
+        if not torch.equal(wrong, want) and torch.equal(got, wrong):
+            _fail(ex, f"{case}: {name} is wrong", mistake)
+    index = tuple(int(i) for i in (got != want).nonzero()[0])
+    _fail(ex, f"{case}: {name}{list(index)} = {int(got[index])}, expected {int(want[index])}", hint)
+
+
 def check_all_to_all_counts(all_to_all_counts: Callable) -> None:
     """Exercise 06.3: the counts exchange of the expert-parallel all-to-all (DeepSeek-V3 §3.2.2)."""
     ex = "all_to_all_counts"
@@ -1382,27 +1395,16 @@ def check_all_to_all_counts(all_to_all_counts: Callable) -> None:
                           "experts, not ep_size"),
                          (dict(self_send=False), "the diagonal is missing: a rank also 'sends' to itself the rows "
                           "of its own experts (the all-to-all includes the diagonal; on a GPU a local copy)")]
-        if not torch.equal(send, want_send):
-            for kw, hint in send_mistakes:
-                variant = _all_to_all_variant(counts, P, **kw)[0]
-                if not torch.equal(variant, want_send) and torch.equal(send, variant):
-                    _fail(ex, f"{case}: send is wrong", hint)
-            index = tuple(int(i) for i in (send != want_send).nonzero()[0])
-            _fail(ex, f"{case}: send{list(index)} = {int(send[index])}, expected {int(want_send[index])}", layout)
+        _diagnose_counts(ex, case, "send", send, want_send, send_mistakes,
+                         lambda kw: _all_to_all_variant(counts, P, **kw)[0], layout)
         received_mistakes = [(dict(transpose_received=True), "received is indexed [source, receiver, expert]: "
                               "received[d, s, e] is what rank d gets from rank s, i.e. counts[s, d * N_r/P + e]"),
                              (dict(placement="round_robin"), "local experts taken round-robin; rank d's local "
                               "expert e is global expert d * N_r/P + e"),
                              (dict(self_send=False), "received[d, d] is missing: a rank's own rows for its own "
                               "experts count too")]
-        if not torch.equal(received, want_received):
-            for kw, hint in received_mistakes:
-                variant = _all_to_all_variant(counts, P, **kw)[1]
-                if not torch.equal(variant, want_received) and torch.equal(received, variant):
-                    _fail(ex, f"{case}: received is wrong", hint)
-            index = tuple(int(i) for i in (received != want_received).nonzero()[0])
-            _fail(ex, f"{case}: received{list(index)} = {int(received[index])}, expected "
-                      f"{int(want_received[index])}", layout)
+        _diagnose_counts(ex, case, "received", received, want_received, received_mistakes,
+                         lambda kw: _all_to_all_variant(counts, P, **kw)[1], layout)
     try:
         _call(ex, all_to_all_counts, torch.ones(2, 5, dtype=torch.int64), 2)
     except ValueError:
