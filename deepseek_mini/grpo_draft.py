@@ -33,12 +33,15 @@ and TRL's older ones (TRL 1.16.0 defaults to beta 0.0).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["STD_EPS", "LOSS_TYPES", "group_advantages", "k3_kl", "grpo_loss"]
+from deepseek_mini.data import PAD_ID
+
+__all__ = ["STD_EPS", "LOSS_TYPES", "group_advantages", "k3_kl", "grpo_loss", "completion_logprobs"]
 
 STD_EPS = 1e-4                                  # added to the group std (TRL's value): no division by ~0
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
@@ -130,6 +133,41 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantage
         if kl is not None:
             metrics["kl"] = float((kl * mask).sum() / n_tokens)
     return loss, metrics
+
+
+def completion_logprobs(model: nn.Module, prompts: Sequence[Tensor], completions: Sequence[Tensor],
+                        temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Teacher-forced log-probs of each completion's tokens after its prompt, and the completion mask.
+
+    One forward pass over ``prompt + completion`` rows, right-padded with ``PAD_ID`` (causal attention:
+    no real token sees the padding after it). Returns ``logp`` (B, T_max), T_max the longest completion,
+    float32, with gradient when the model has one, and ``mask`` (B, T_max), True at real completion tokens.
+    This gives logp (policy, with gradient), old_logp and ref_logp (under ``torch.no_grad()``) for
+    ``grpo_loss``. ``temperature`` divides the logits first, as TRL does, so that the ratio compares the
+    distribution the tokens were sampled from.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need as many prompts ({len(prompts)}) as completions ({len(completions)}), at least one")
+    if not temperature > 0:
+        raise ValueError(f"temperature ({temperature}) must be > 0")
+    for name, seqs in (("prompt", prompts), ("completion", completions)):
+        bad = [i for i, x in enumerate(seqs) if not (isinstance(x, Tensor) and x.dim() == 1
+                                                      and x.dtype == torch.long and len(x) > 0)]
+        if bad:
+            raise ValueError(f"{name} {bad[0]} must be a non-empty 1-D int64 tensor of token ids")
+    rows = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
+    tokens = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID)        # (B, L)
+    logits = model(tokens).float() / temperature                                            # (B, L, V)
+    width = max(len(c) for c in completions)
+    starts = torch.tensor([len(p) for p in prompts], device=tokens.device)
+    # completion token j of row b sits at position starts[b] + j and is predicted at position starts[b] + j - 1
+    pos = (starts[:, None] + torch.arange(width, device=tokens.device)).clamp(max=tokens.shape[1] - 1)
+    mask = torch.arange(width, device=tokens.device)[None, :] < torch.tensor([len(c) for c in completions],
+                                                                             device=tokens.device)[:, None]
+    log_probs = logits.log_softmax(-1).gather(1, (pos - 1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+    targets = tokens.gather(1, pos)
+    logp = log_probs.gather(2, targets[:, :, None])[:, :, 0]
+    return logp.masked_fill(~mask, 0.0), mask
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -306,3 +306,31 @@ def test_advantages_match_trl_nanstd():
     # TRL's _generate_and_score_completions with scale_rewards="group"
     theirs = (grouped - grouped.mean(1, keepdim=True)) / (nanstd(grouped, dim=1).unsqueeze(1) + 1e-4)
     torch.testing.assert_close(group_advantages(rewards, 3), theirs.view(-1), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- log-probs of sampled completions
+def test_completion_logprobs_match_sampling_and_carry_gradients():
+    """The loop samples with ``generate`` (KV cache, ragged prompts, stop at the end of the line) and
+    scores with one teacher-forced pass: both must give the same log-probs, or rho != 1 at the first update."""
+    from deepseek_mini.data import ByteTokenizer
+    from deepseek_mini.generate import generate
+    from deepseek_mini.grpo_draft import completion_logprobs
+    from deepseek_mini.model import build_model
+    from deepseek_mini.tasks_draft import make_tasks
+
+    model = build_model("toy", seed=0)
+    tok = ByteTokenizer()
+    prompts = [torch.tensor(tok.encode(t.prompt, bos=True)) for t in make_tasks(3, seed=0) for _ in range(2)]
+    seqs, sampled = generate(model, prompts, 10, stop_token=ord("\n"), seed=0, return_logprobs=True)
+    completions = [s[len(p):] for s, p in zip(seqs, prompts)]
+    assert len({len(c) for c in completions}) > 1                 # ragged: the mask matters
+    logp, mask = completion_logprobs(model, prompts, completions)
+    assert mask.sum(1).tolist() == [len(c) for c in completions]
+    expected = torch.nn.utils.rnn.pad_sequence(list(sampled), batch_first=True)
+    torch.testing.assert_close(logp.detach(), expected, rtol=0, atol=1e-5)
+    logp.sum().backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    hot, _ = completion_logprobs(model, prompts, completions, temperature=2.0)
+    assert not torch.allclose(hot, logp)                          # the temperature does divide the logits
+    with pytest.raises(ValueError, match="completion 1 must be a non-empty"):
+        completion_logprobs(model, prompts[:2], [completions[0], torch.tensor([], dtype=torch.long)])
