@@ -139,8 +139,8 @@ def completion_logprobs(model: nn.Module, prompts: Sequence[Tensor], completions
                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Teacher-forced log-probs of each completion's tokens after its prompt, and the completion mask.
 
-    One forward pass over ``prompt + completion`` rows, right-padded with ``PAD_ID`` (causal attention:
-    no real token sees the padding after it). Returns ``logp`` (B, T_max), T_max the longest completion,
+    One forward pass over ``prompt + completion`` rows, right-padded with ``PAD_ID`` and masked, so
+    that in train mode the padding loads no MoE expert (the bias update of §2.1.2 counts real tokens). Returns ``logp`` (B, T_max), T_max the longest completion,
     float32, with gradient when the model has one, and ``mask`` (B, T_max), True at real completion tokens.
     This gives logp (policy, with gradient), old_logp and ref_logp (under ``torch.no_grad()``) for
     ``grpo_loss``. ``temperature`` divides the logits first, as TRL does, so that the ratio compares the
@@ -157,7 +157,10 @@ def completion_logprobs(model: nn.Module, prompts: Sequence[Tensor], completions
             raise ValueError(f"{name} {bad[0]} must be a non-empty 1-D int64 tensor of token ids")
     rows = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
     tokens = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID)        # (B, L)
-    logits = model(tokens).float() / temperature                                            # (B, L, V)
+    lengths = torch.tensor([len(r) for r in rows], device=tokens.device)
+    real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]  # (B, L)
+    # padding_mask: in train mode the padding must load no expert (the MoE bias update counts load)
+    logits = model(tokens, padding_mask=real).float() / temperature                        # (B, L, V)
     width = max(len(c) for c in completions)
     starts = torch.tensor([len(p) for p in prompts], device=tokens.device)
     # completion token j of row b sits at position starts[b] + j and is predicted at position starts[b] + j - 1

@@ -330,6 +330,16 @@ def test_completion_logprobs_match_sampling_and_carry_gradients():
     torch.testing.assert_close(logp.detach(), expected, rtol=0, atol=1e-5)
     logp.sum().backward()
     assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    from deepseek_mini.moe import moe_layers
+    layers = moe_layers(model)
+    assert layers
+    for layer in layers:
+        layer.tokens_per_expert.zero_()
+    model.train()
+    completion_logprobs(model, prompts, completions)              # train mode: MoE layers count load
+    n_real = sum(len(p) + len(c) for p, c in zip(prompts, completions))
+    for layer in layers:                                          # the padding loads no expert
+        assert layer.tokens_per_expert.sum().item() == n_real * model.config.num_experts_per_tok
     hot, _ = completion_logprobs(model, prompts, completions, temperature=2.0)
     assert not torch.allclose(hot, logp)                          # the temperature does divide the logits
     with pytest.raises(ValueError, match="completion 1 must be a non-empty"):
