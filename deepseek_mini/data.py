@@ -18,6 +18,10 @@ from a seed, and the corpus mixes four domains of clearly different structure:
   (``def add_3(x):`` ... ``x + 3``): indentation and long-range copying;
 * ``sort`` -- ``sort: 5 3 9 1 -> 1 3 5 9``: the answer is a permutation of the input.
 
+The arithmetic and sort lines double as *verifiable problems* for reinforcement learning
+(chapter 08, GRPO): :func:`verifiable_problems` cuts a line at its answer, and
+:func:`reward` scores a sampled completion by rules (no learned reward model).
+
 Because every token carries its domain, later chapters measure per-domain
 behaviour: which MoE experts specialise in which domain (chapter 03), where
 multi-token prediction helps most (chapter 04). The loss to beat is the unigram
@@ -44,6 +48,10 @@ __all__ = [
     "ByteTokenizer", "Document", "generate_document", "synthetic_corpus", "load_text_file",
     "TokenStream", "tokenize_documents", "train_val_split", "Batcher", "eval_batches",
     "unigram_entropy", "make_datasets",
+    # verifiable problems and rule-based rewards (chapter 08, GRPO)
+    "TASK_DOMAINS", "ACCURACY_WEIGHT", "FORMAT_WEIGHT", "END_OF_ANSWER", "Problem", "arithmetic_problem",
+    "sort_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward", "reward",
+    "batch_rewards",
 ]
 
 N_BYTES = 256  # byte values 0..255 are their own token ids
@@ -432,3 +440,106 @@ def make_datasets(source: str | Path = "synthetic", n_docs: int = 4000, seed: in
     names = _default_domain_names(docs)
     train, val = train_val_split(docs, val_fraction, seed)
     return tokenize_documents(train, domain_names=names), tokenize_documents(val, domain_names=names)
+
+
+# ----------------------------------------------------------------- verifiable problems and rule-based rewards
+# DeepSeek-V3's RL stage scores questions with deterministic answers (maths, code) by rules, not by a learned
+# reward model, which could be gamed (arXiv 2412.19437 §5.2.1, "Rule-Based RM"); DeepSeek-R1 (arXiv 2501.12948
+# §2.2.2) combines an *accuracy* reward with a *format* reward. Here the problems are the corpus's own arithmetic
+# and sort lines cut at their answer, so a toy pretrained on the corpus already solves some of them and GRPO
+# gets groups with mixed rewards (a group whose rewards are all equal carries no signal).
+#
+# The answer marker is the end of the line. In the corpus every answer is the last thing on its line, followed
+# by "\n" (or EOS at the end of a document), so a pretrained toy already closes its answers that way. A tag such
+# as <a>...</a> never occurs in the corpus: the toy would almost never emit it, and RL alone could not teach it.
+
+TASK_DOMAINS = ("arithmetic", "sort")
+ACCURACY_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2   # ours: DeepSeek-R1 does not publish its weights
+END_OF_ANSWER = ("\n", "<|eos|>")          # a newline, or EOS as ``decode(..., skip_special=False)`` writes it
+_ANSWER_SEPARATOR = {"arithmetic": "=", "sort": "-> "}   # the prompt ends with it, the answer follows
+_WELL_FORMED = re.compile(r"\d+( \d+)*")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable problem: the prompt the model continues and the one answer that scores."""
+
+    domain: str      # "arithmetic" or "sort"
+    prompt: str      # e.g. "37+48=" or "sort: 5 3 9 1 -> "
+    answer: str      # e.g. "85"     or "1 3 5 9"
+
+
+def _cut(domain: str, line: str) -> Problem:
+    prompt, answer = line.split(_ANSWER_SEPARATOR[domain])
+    return Problem(domain, prompt + _ANSWER_SEPARATOR[domain], answer)
+
+
+def arithmetic_problem(rng: random.Random) -> Problem:
+    """A corpus arithmetic line cut at ``=``: ``"597-4="`` -> ``"593"`` (``+``, ``-``, ``*``)."""
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    return _cut("arithmetic", _arithmetic_line(rng))
+
+
+def sort_problem(rng: random.Random) -> Problem:
+    """A corpus sort-domain line cut at ``-> ``: ``"sort: 5 3 9 -> "`` -> ``"3 5 9"`` (also ``max:``, ``reverse:``)."""
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    return _cut("sort", _sort_line(rng))
+
+
+def verifiable_problems(n: int, seed: int = 0, domains: Sequence[str] = TASK_DOMAINS) -> list[Problem]:
+    """``n`` problems, domains cycled in order; the same seed gives the same problems.
+
+    A seed other than the pretraining corpus's draws other lines, but from the same distribution;
+    a few may repeat a training line by chance (1-digit sums are few).
+    """
+    _check_positive_int("n", n)
+    if isinstance(domains, str) or len(domains) == 0 or any(d not in TASK_DOMAINS for d in domains):
+        raise ValueError(f"domains ({domains!r}) must be a non-empty sequence of names from {TASK_DOMAINS}")
+    rng = random.Random(seed)
+    make = {"arithmetic": arithmetic_problem, "sort": sort_problem}
+    return [make[domains[i % len(domains)]](rng) for i in range(n)]
+
+
+def parse_answer(completion: str) -> str | None:
+    """The text before the first end-of-answer marker, or None when the completion never closes its answer."""
+    if not isinstance(completion, str):
+        raise ValueError(f"completion must be a str, got {type(completion).__name__}")
+    ends = [i for i in (completion.find(marker) for marker in END_OF_ANSWER) if i >= 0]
+    return completion[:min(ends)] if ends else None
+
+
+def accuracy_reward(problem: Problem, completion: str) -> float:
+    """1.0 when the closed answer is exactly the expected one, else 0.0 (an unclosed answer scores 0)."""
+    return float(parse_answer(completion) == problem.answer)
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when the answer is closed and is non-negative integers separated by single spaces, else 0.0."""
+    answer = parse_answer(completion)
+    return float(answer is not None and _WELL_FORMED.fullmatch(answer) is not None)
+
+
+def reward(problem: Problem, completion: str) -> dict[str, float]:
+    """``ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * format`` and its parts: ``{"reward", "accuracy", "format"}``.
+
+    Format is a small shaping term: a well-formed wrong answer beats garbage, but no amount of
+    formatting outweighs being right, and rambling past the answer (never closing it) scores 0.
+    """
+    accuracy, fmt = accuracy_reward(problem, completion), format_reward(completion)
+    return {"reward": ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * fmt, "accuracy": accuracy, "format": fmt}
+
+
+def batch_rewards(problems: Sequence[Problem], completions: Sequence[str], group_size: int) -> dict[str, Tensor]:
+    """Rewards of ``len(problems) * group_size`` completions, each problem's G completions contiguous.
+
+    Returns float32 tensors ``reward``, ``accuracy``, ``format``, each ``(len(problems) * group_size,)``:
+    the layout ``group_advantages`` expects.
+    """
+    _check_positive_int("group_size", group_size)
+    if len(completions) != len(problems) * group_size:
+        raise ValueError(f"got {len(completions)} completions for {len(problems)} problems x group_size "
+                         f"{group_size}; expected {len(problems) * group_size}")
+    scores = [reward(problems[i // group_size], c) for i, c in enumerate(completions)]
+    return {key: torch.tensor([s[key] for s in scores], dtype=torch.float32) for key in ("reward", "accuracy", "format")}

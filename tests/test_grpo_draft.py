@@ -316,11 +316,11 @@ def test_completion_logprobs_match_sampling_and_carry_gradients():
     from deepseek_mini.generate import generate
     from deepseek_mini.grpo_draft import completion_logprobs
     from deepseek_mini.model import build_model
-    from deepseek_mini.tasks_draft import make_tasks
+    from deepseek_mini.data import verifiable_problems
 
     model = build_model("toy", seed=0)
     tok = ByteTokenizer()
-    prompts = [torch.tensor(tok.encode(t.prompt, bos=True)) for t in make_tasks(3, seed=0) for _ in range(2)]
+    prompts = [torch.tensor(tok.encode(t.prompt, bos=True)) for t in verifiable_problems(3, seed=0) for _ in range(2)]
     seqs, sampled = generate(model, prompts, 10, stop_token=ord("\n"), seed=0, return_logprobs=True)
     completions = [s[len(p):] for s, p in zip(seqs, prompts)]
     assert len({len(c) for c in completions}) > 1                 # ragged: the mask matters

@@ -9,15 +9,15 @@ import random
 import pytest
 import torch
 
-from deepseek_mini.data import EOS_ID, ByteTokenizer
+from deepseek_mini.data import (ACCURACY_WEIGHT, EOS_ID, FORMAT_WEIGHT, ByteTokenizer, Problem, accuracy_reward,
+                                arithmetic_problem, batch_rewards, format_reward, parse_answer, reward, sort_problem,
+                                verifiable_problems)
 from deepseek_mini.grpo_draft import group_advantages
-from deepseek_mini.tasks_draft import (ACCURACY_WEIGHT, FORMAT_WEIGHT, Task, accuracy_reward, batch_rewards,
-                                       format_reward, make_task, make_tasks, parse_answer, reward)
 
 
-def _solve(task: Task) -> str:
+def _solve(task: Problem) -> str:
     """The answer worked out from the prompt text alone (an independent check of the generators)."""
-    if task.kind == "arithmetic":
+    if task.domain == "arithmetic":
         expr = task.prompt.removesuffix("=")
         op = next(c for c in "+-*" if c in expr)
         a, b = map(int, expr.split(op))
@@ -28,18 +28,18 @@ def _solve(task: Task) -> str:
 
 
 def test_tasks_have_correct_answers_and_corpus_shape():
-    tasks = make_tasks(200, seed=3)
-    assert [t.kind for t in tasks[:4]] == ["arithmetic", "sort", "arithmetic", "sort"]
+    tasks = verifiable_problems(200, seed=3)
+    assert [t.domain for t in tasks[:4]] == ["arithmetic", "sort", "arithmetic", "sort"]
     for t in tasks:
         assert t.answer == _solve(t)
-        assert t.prompt.endswith("=" if t.kind == "arithmetic" else " -> ")
+        assert t.prompt.endswith("=" if t.domain == "arithmetic" else " -> ")
     assert any(t.prompt.startswith("sort: ") for t in tasks)
 
 
 def test_tasks_are_seeded():
-    assert make_tasks(20, seed=1) == make_tasks(20, seed=1)
-    assert make_tasks(20, seed=1) != make_tasks(20, seed=2)
-    assert {t.kind for t in make_tasks(10, kinds=("sort",))} == {"sort"}
+    assert verifiable_problems(20, seed=1) == verifiable_problems(20, seed=1)
+    assert verifiable_problems(20, seed=1) != verifiable_problems(20, seed=2)
+    assert {t.domain for t in verifiable_problems(10, domains=("sort",))} == {"sort"}
 
 
 def test_parse_answer_stops_at_the_first_end_of_answer():
@@ -56,21 +56,21 @@ def test_the_marker_is_what_the_decoder_writes():
 
 
 def test_rewards_and_weights():
-    task = Task("arithmetic", "37+25=", "62")
+    task = Problem("arithmetic", "37+25=", "62")
     assert reward(task, "62\n") == {"reward": ACCURACY_WEIGHT + FORMAT_WEIGHT, "accuracy": 1.0, "format": 1.0}
     assert reward(task, "61\n") == {"reward": FORMAT_WEIGHT, "accuracy": 0.0, "format": 1.0}
     assert reward(task, "62") == {"reward": 0.0, "accuracy": 0.0, "format": 0.0}      # unclosed: nothing
     assert reward(task, "6 2x\n")["format"] == 0.0
     assert reward(task, "062\n")["accuracy"] == 0.0                                      # exact match only
     assert ACCURACY_WEIGHT > FORMAT_WEIGHT > 0       # being right always beats being well formed
-    sort_task = Task("sort", "sort: 5 3 9 -> ", "3 5 9")
+    sort_task = Problem("sort", "sort: 5 3 9 -> ", "3 5 9")
     assert accuracy_reward(sort_task, "3 5 9\n") == 1.0
     assert format_reward("3  5 9\n") == 0.0 and format_reward("3 5 9 \n") == 0.0
     assert format_reward("3 5 9<|eos|>") == 1.0
 
 
 def test_batch_rewards_layout_feeds_group_advantages():
-    tasks = [Task("arithmetic", "1+1=", "2"), Task("arithmetic", "2+2=", "4")]
+    tasks = [Problem("arithmetic", "1+1=", "2"), Problem("arithmetic", "2+2=", "4")]
     completions = ["2\n", "3\n", "x", "4\n", "4\n", "4\n"]          # G = 3, task by task
     scores = batch_rewards(tasks, completions, group_size=3)
     r = ACCURACY_WEIGHT + FORMAT_WEIGHT
@@ -81,12 +81,13 @@ def test_batch_rewards_layout_feeds_group_advantages():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: make_task("poetry", random.Random(0)), "unknown task kind"),
-    (lambda: make_task("sort", 0), "random.Random"),
-    (lambda: make_tasks(0), "positive int"),
-    (lambda: make_tasks(3, kinds="sort"), "non-empty sequence"),
+    (lambda: verifiable_problems(3, domains=("poetry",)), "names from"),
+    (lambda: sort_problem(0), "random.Random"),
+    (lambda: arithmetic_problem(None), "random.Random"),
+    (lambda: verifiable_problems(0), "positive int"),
+    (lambda: verifiable_problems(3, domains="sort"), "non-empty sequence"),
     (lambda: parse_answer(b"62\n"), "must be a str"),
-    (lambda: batch_rewards([Task("arithmetic", "1+1=", "2")], ["2\n"], group_size=2), "expected 2"),
+    (lambda: batch_rewards([Problem("arithmetic", "1+1=", "2")], ["2\n"], group_size=2), "expected 2"),
     (lambda: batch_rewards([], [], group_size=0), "positive int"),
 ])
 def test_errors(call, match):
