@@ -50,7 +50,7 @@ __all__ = [
     "unigram_entropy", "make_datasets",
     # verifiable problems and rule-based rewards (chapter 08, GRPO)
     "TASK_DOMAINS", "ACCURACY_WEIGHT", "FORMAT_WEIGHT", "END_OF_ANSWER", "Problem", "arithmetic_problem",
-    "sort_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward", "reward",
+    "sort_problem", "addition_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward", "reward",
     "batch_rewards",
 ]
 
@@ -453,10 +453,10 @@ def make_datasets(source: str | Path = "synthetic", n_docs: int = 4000, seed: in
 # by "\n" (or EOS at the end of a document), so a pretrained toy already closes its answers that way. A tag such
 # as <a>...</a> never occurs in the corpus: the toy would almost never emit it, and RL alone could not teach it.
 
-TASK_DOMAINS = ("arithmetic", "sort")
+TASK_DOMAINS = ("arithmetic", "sort", "addition")   # "addition": an easy level for a CPU-sized toy
 ACCURACY_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2   # ours: DeepSeek-R1 does not publish its weights
 END_OF_ANSWER = ("\n", "<|eos|>")          # a newline, or EOS as ``decode(..., skip_special=False)`` writes it
-_ANSWER_SEPARATOR = {"arithmetic": "=", "sort": "-> "}   # the prompt ends with it, the answer follows
+_ANSWER_SEPARATOR = {"arithmetic": "=", "sort": "-> ", "addition": "="}   # the prompt ends with it, the answer follows
 _WELL_FORMED = re.compile(r"\d+( \d+)*")
 
 
@@ -488,7 +488,20 @@ def sort_problem(rng: random.Random) -> Problem:
     return _cut("sort", _sort_line(rng))
 
 
-def verifiable_problems(n: int, seed: int = 0, domains: Sequence[str] = TASK_DOMAINS) -> list[Problem]:
+def addition_problem(rng: random.Random) -> Problem:
+    """One-digit addition, ``"7+5="`` -> ``"12"``: the easy level, 100 distinct problems.
+
+    The corpus's arithmetic (up to 3-digit operands, ``*``) is beyond a toy trained for a few CPU
+    minutes: its greedy accuracy stays near 0, every sampled group scores the same, and GRPO gets no
+    signal. One-digit sums are learnable in minutes yet not solved at once, so groups have mixed rewards.
+    """
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return Problem("addition", f"{a}+{b}=", str(a + b))
+
+
+def verifiable_problems(n: int, seed: int = 0, domains: Sequence[str] = ("arithmetic", "sort")) -> list[Problem]:
     """``n`` problems, domains cycled in order; the same seed gives the same problems.
 
     A seed other than the pretraining corpus's draws other lines, but from the same distribution;
@@ -498,7 +511,7 @@ def verifiable_problems(n: int, seed: int = 0, domains: Sequence[str] = TASK_DOM
     if isinstance(domains, str) or len(domains) == 0 or any(d not in TASK_DOMAINS for d in domains):
         raise ValueError(f"domains ({domains!r}) must be a non-empty sequence of names from {TASK_DOMAINS}")
     rng = random.Random(seed)
-    make = {"arithmetic": arithmetic_problem, "sort": sort_problem}
+    make = {"arithmetic": arithmetic_problem, "sort": sort_problem, "addition": addition_problem}
     return [make[domains[i % len(domains)]](rng) for i in range(n)]
 
 
