@@ -9,8 +9,8 @@
    each in ``OUT/<variant>-s<seed>``, with held-out greedy accuracy before and after.
 3. ``plot``: reward, accuracy, KL and completion length over steps for every run in OUT.
 
-    PYTHONPATH=. python scripts/grpo_experiment.py sft --out runs/grpo-exp --steps 300 --every 50
-    PYTHONPATH=. python scripts/grpo_experiment.py rl --out runs/grpo-exp --init runs/grpo-exp/sft/checkpoint-000150.pt
+    PYTHONPATH=. python scripts/grpo_experiment.py sft --out runs/grpo-exp --steps 200 --every 25 --keep 100
+    PYTHONPATH=. python scripts/grpo_experiment.py rl --out runs/grpo-exp --steps 150 --lr 3e-4 --seeds 0,1
     PYTHONPATH=. python scripts/grpo_experiment.py plot --out runs/grpo-exp
 """
 
@@ -26,6 +26,7 @@ import torch
 from deepseek_mini.config import load_config
 from deepseek_mini.data import Document, tokenize_documents, train_val_split, verifiable_problems
 from deepseek_mini.grpo_loop_draft import EVAL_SEED, GRPOConfig, evaluate_accuracy, load_policy, train_grpo
+from deepseek_mini.runs import save_checkpoint
 from deepseek_mini.train import TrainConfig, train
 
 SFT_SEED = 0
@@ -58,6 +59,9 @@ def sft(args: argparse.Namespace) -> None:
     for path in sorted((args.out / "sft").glob("checkpoint-*.pt")):
         print(path.name, json.dumps(evaluate_accuracy(load_policy(path)[0], held_out, args.max_new_tokens)),
               flush=True)
+    if args.keep:   # the chosen step's weights and config only (no optimizer): small enough to commit
+        model, config = load_policy(args.out / "sft" / f"checkpoint-{args.keep:06d}.pt")
+        print("kept", save_checkpoint(args.keep_path, model, step=args.keep, model_config=config))
 
 
 def rl(args: argparse.Namespace) -> None:
@@ -111,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-docs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=25, help="sft: keep a checkpoint every N steps")
-    parser.add_argument("--init", type=Path, help="rl: the SFT checkpoint to start from")
+    parser.add_argument("--keep", type=int, default=100, help="sft: the step whose weights --keep-path gets (0 = none)")
+    parser.add_argument("--keep-path", type=Path, default=Path("checkpoints/toy_moe_addition_sft.pt"))
+    parser.add_argument("--init", type=Path, default=Path("checkpoints/toy_moe_addition_sft.pt"),
+                        help="rl: the SFT checkpoint to start from")
     parser.add_argument("--variants", default="grpo,grpo-beta0,reinforce")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--prompts", type=int, default=8)
