@@ -50,8 +50,8 @@ __all__ = [
     "unigram_entropy", "make_datasets",
     # verifiable problems and rule-based rewards (chapter 08, GRPO)
     "TASK_DOMAINS", "ACCURACY_WEIGHT", "FORMAT_WEIGHT", "END_OF_ANSWER", "Problem", "arithmetic_problem",
-    "sort_problem", "addition_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward", "reward",
-    "batch_rewards",
+    "sort_problem", "addition_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward",
+    "reward", "batch_rewards",
 ]
 
 N_BYTES = 256  # byte values 0..255 are their own token ids
@@ -555,4 +555,5 @@ def batch_rewards(problems: Sequence[Problem], completions: Sequence[str], group
         raise ValueError(f"got {len(completions)} completions for {len(problems)} problems x group_size "
                          f"{group_size}; expected {len(problems) * group_size}")
     scores = [reward(problems[i // group_size], c) for i, c in enumerate(completions)]
-    return {key: torch.tensor([s[key] for s in scores], dtype=torch.float32) for key in ("reward", "accuracy", "format")}
+    return {key: torch.tensor([s[key] for s in scores], dtype=torch.float32)
+            for key in ("reward", "accuracy", "format")}

@@ -23,13 +23,13 @@ drawn from seeds derived from ``(seed, step)``, so a resumed run sees what the u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import dataclasses
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,8 +43,9 @@ from deepseek_mini.generate import generate
 from deepseek_mini.grpo_draft import LOSS_TYPES, completion_logprobs, group_advantages, grpo_loss
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.model import build_model
+from deepseek_mini.moe import moe_layers
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, find_checkpoint,
-                                load_checkpoint, prepare_folder, save_checkpoint)
+                                load_checkpoint, peek_checkpoint, prepare_folder, save_checkpoint)
 
 __all__ = ["ALGORITHMS", "GRPOConfig", "GRPOResult", "load_policy", "sample_groups", "evaluate_accuracy",
            "grpo_step", "train_grpo", "main"]
@@ -282,10 +283,7 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
         raise ValueError("init is None: give the supervised checkpoint the policy starts from (--init PATH)")
     policy, model_config = load_policy(resume if resume is not None else cfg.init)
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
-    lock = RunLock(out_dir) if out_dir is not None else None
-    if lock is not None:
-        lock.__enter__()
-    try:
+    with RunLock(out_dir) if out_dir is not None else contextlib.nullcontext():
         start = state["step"] if state is not None else 0
         if out_dir is not None:
             prepare_folder(out_dir, find_checkpoint(resume) if resume is not None else None, start, overwrite,
@@ -299,8 +297,8 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
             if reference is not None:
                 reference.load_state_dict(state["hooks"]["reference"])
             history = list(state["history"]["records"])
-        for layer_count in (p for p in policy.modules() if hasattr(p, "tokens_per_expert")):
-            layer_count.tokens_per_expert.zero_()
+        for layer in moe_layers(policy):      # count only this run's load
+            layer.tokens_per_expert.zero_()
 
         def save(name: str, step: int) -> None:
             extra = {"reference": reference.state_dict()} if reference is not None else {}
@@ -316,14 +314,12 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
                 reference.load_state_dict(policy.state_dict())   # iterative GRPO (DeepSeekMath §4.2)
             history.append(record)
             append_metrics(out_dir, record)
-            if out_dir is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                save(CHECKPOINT_NAME if step == cfg.steps else PERIODIC_NAME.format(step=step), step)
+            last = step == cfg.steps
+            if out_dir is not None and (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                save(CHECKPOINT_NAME if last else PERIODIC_NAME.format(step=step), step)
             bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
             bar.update(1)
         bar.close()
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
     return GRPOResult(policy, history, cfg, time.perf_counter() - started)
 
 
@@ -352,6 +348,11 @@ _HELP = {
 }
 
 
+def _flag(f) -> str:
+    """A GRPOConfig field's command-line flag."""
+    return {"out_dir": "--out", "progress": "--no-progress"}.get(f.name, "--" + f.name.replace("_", "-"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deepseek_mini.grpo",
@@ -360,7 +361,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: python -m deepseek_mini.grpo --init runs/toy --out runs/grpo --steps 50")
     defaults = GRPOConfig()
     for f in fields(GRPOConfig):
-        flag = "--out" if f.name == "out_dir" else "--" + f.name.replace("_", "-")
+        flag = _flag(f)
         default = getattr(defaults, f.name)
         if f.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", help=_HELP[f.name])
@@ -371,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
             kind = str if f.name in ("init", "out_dir", "loss_type", "algorithm") else type(default)
             choices = {"loss_type": LOSS_TYPES, "algorithm": ALGORITHMS}.get(f.name)
             parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices,
-                                metavar=None if choices else ("PATH" if kind is str else f.name.split("_")[-1].upper()),
+                                metavar=None if choices else {str: "PATH", int: "N", float: "X"}[kind],
                                 help=f"{_HELP[f.name]} (default: %(default)s)")
     parser.add_argument("--resume", metavar="PATH", help="continue the run saved at PATH (file or folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -382,10 +383,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m deepseek_mini.grpo``: train, print held-out accuracy before and after; errors in one line."""
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(GRPOConfig)}
     values["domains"] = tuple(d.strip() for d in values["domains"].split(",") if d.strip())
     try:
+        if args.resume is not None:   # the checkpoint's settings, changed only where a flag was given
+            given = {f.name for f in fields(GRPOConfig) if any(a.split("=")[0] == _flag(f) for a in argv)}
+            saved = peek_checkpoint(find_checkpoint(args.resume))["train_config"] or {}
+            values = {**saved, "domains": tuple(saved.get("domains", ())), **{k: values[k] for k in given}}
         cfg = GRPOConfig(**values)
         held_out = verifiable_problems(args.eval, EVAL_SEED, cfg.domains) if args.eval > 0 else None
         if held_out and args.resume is None:
@@ -398,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if held_out:
-        print(f"held-out greedy accuracy after:  {json.dumps(evaluate_accuracy(result.model, held_out, cfg.max_new_tokens))}")
+        after = evaluate_accuracy(result.model, held_out, result.config.max_new_tokens)
+        print(f"held-out greedy accuracy after:  {json.dumps(after)}")
     last = result.history[-1] if result.history else {}
     print(f"{len(result.history)} steps in {result.elapsed_s:.0f} s; last step: "
           + ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k != "step"))

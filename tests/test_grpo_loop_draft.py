@@ -151,3 +151,8 @@ def test_cli_help_and_errors(init, capsys, tmp_path):
                  "--max-new-tokens", "3", "--domains", "addition", "--eval", "2", "--no-progress",
                  "--out", str(tmp_path)]) == 0
     assert "held-out greedy accuracy after" in capsys.readouterr().out
+    # --resume keeps the checkpoint's settings (G 2, not the default 8) and changes only the flags given
+    assert main(["--resume", str(tmp_path), "--steps", "2", "--eval", "0", "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path)["train_config"]["group_size"] == 2
+    assert main(["--resume", str(tmp_path), "--steps", "3", "--group-size", "4", "--eval", "0"]) == 2
+    assert "group_size (4) differs" in capsys.readouterr().err
