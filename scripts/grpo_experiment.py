@@ -7,10 +7,13 @@
    ``--every`` steps) and prints each checkpoint's held-out accuracy.
 2. ``rl``: GRPO / REINFORCE / GRPO with beta 0 from one SFT checkpoint, one run per (variant, seed),
    each in ``OUT/<variant>-s<seed>``, with held-out greedy accuracy before and after.
-3. ``plot``: reward, accuracy, KL and completion length over steps for every run in OUT.
+3. ``sanity``: GRPO (beta 0) on one fixed batch of problems, resampled every step: the loop's
+   update direction, separated from the task's difficulty.
+4. ``plot``: reward, accuracy, KL and completion length over steps for every run in OUT.
 
     PYTHONPATH=. python scripts/grpo_experiment.py sft --out runs/grpo-exp --steps 200 --every 25 --keep 100
     PYTHONPATH=. python scripts/grpo_experiment.py rl --out runs/grpo-exp --steps 150 --lr 3e-4 --seeds 0,1
+    PYTHONPATH=. python scripts/grpo_experiment.py sanity --steps 30 --lr 1e-3 --gamma 0
     PYTHONPATH=. python scripts/grpo_experiment.py plot --out runs/grpo-exp
 """
 
@@ -88,6 +91,32 @@ def rl(args: argparse.Namespace) -> None:
                 f.write(json.dumps(summary) + "\n")
 
 
+def sanity(args: argparse.Namespace) -> None:
+    """GRPO on one fixed batch of P problems, every step: the loop must raise their reward within tens of steps.
+
+    This separates "the loop is wrong" from "the task is too hard / too few samples": the same batch
+    is resampled each step (fresh completions), so success here shows the update direction is right.
+    """
+    import deepseek_mini.grpo_loop_draft as loop
+    from deepseek_mini.hooks import MoEBalancing
+
+    fixed = verifiable_problems(args.prompts, seed=5, domains=args.domains)
+    loop.verifiable_problems = lambda n, seed, domains: fixed     # every step: the same problems
+    policy, _ = load_policy(args.init)
+    print("problems:", [p.prompt + p.answer for p in fixed])
+    print("greedy before:", json.dumps(evaluate_accuracy(policy, fixed, args.max_new_tokens)), flush=True)
+    cfg = GRPOConfig(init=str(args.init), prompts_per_step=args.prompts, group_size=args.group_size, beta=0.0,
+                     lr=args.lr, max_new_tokens=args.max_new_tokens, domains=args.domains,
+                     bias_update_speed=args.gamma)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    balancing = MoEBalancing(args.gamma, "none", 0.0)
+    for step in range(1, args.steps + 1):
+        record = loop.grpo_step(policy, None, optimizer, balancing, cfg, step)
+        if step % 5 == 0:
+            print(json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
+    print("greedy after:", json.dumps(evaluate_accuracy(policy, fixed, args.max_new_tokens)))
+
+
 def plot(args: argparse.Namespace) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -109,7 +138,7 @@ def plot(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("sft", "rl", "plot"))
+    parser.add_argument("command", choices=("sft", "rl", "sanity", "plot"))
     parser.add_argument("--out", type=Path, default=Path("runs/grpo-exp"))
     parser.add_argument("--domains", default="addition", help="comma-separated problem domains")
     parser.add_argument("--n-docs", type=int, default=1000)
@@ -127,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--eval", type=int, default=200, help="held-out problems")
+    parser.add_argument("--gamma", type=float, default=0.001, help="sanity: MoE bias update speed")
     args = parser.parse_args(argv)
     args.domains = tuple(args.domains.split(","))
     args.variants = args.variants.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"sft": sft, "rl": rl, "plot": plot}[args.command](args)
+    {"sft": sft, "rl": rl, "sanity": sanity, "plot": plot}[args.command](args)
     return 0
 
 
