@@ -126,10 +126,16 @@ def plot(args: argparse.Namespace) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for run in sorted(p for p in args.out.iterdir() if (p / "metrics.jsonl").exists() and p.name != "sft"):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        variant = run.name.rsplit("-s", 1)[0]
+        color = {"grpo": "C0", "grpo-beta0": "C1", "reinforce": "C2"}.get(variant, "C3")
         for ax, key in zip(axes, keys):
-            ax.plot([r["step"] for r in records], [r[key] for r in records], label=run.name, lw=1)
+            if key == "kl" and variant != "grpo":
+                continue                    # no reference model when beta = 0: KL is not measured
+            values = [r[key] for r in records]
+            smooth = [sum(values[max(0, i - 24):i + 1]) / len(values[max(0, i - 24):i + 1]) for i in range(len(values))]
+            ax.plot([r["step"] for r in records], smooth, color=color, lw=1, label=run.name)
     for ax, key in zip(axes, keys):
-        ax.set(xlabel="step", title=key)
+        ax.set(xlabel="step", title=f"{key} (25-step mean)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "grpo_curves.png", dpi=110)
