@@ -10,6 +10,8 @@
 3. ``sanity``: GRPO (beta 0) on one fixed batch of problems, resampled every step: the loop's
    update direction, separated from the task's difficulty.
 4. ``plot``: reward, accuracy, KL and completion length over steps for every run in OUT.
+5. ``summarize``: the runs' metrics in 20-step windows and their held-out accuracy, as the JSON that
+   notebook 08 loads (``notebooks/data/grpo_runs.json``).
 
     PYTHONPATH=. python scripts/grpo_experiment.py sft --out runs/grpo-exp --steps 200 --every 25 --keep 100
     PYTHONPATH=. python scripts/grpo_experiment.py rl --out runs/grpo-exp --steps 150 --lr 3e-4 --seeds 0,1
@@ -28,7 +30,7 @@ import torch
 
 from deepseek_mini.config import load_config
 from deepseek_mini.data import Document, tokenize_documents, train_val_split, verifiable_problems
-from deepseek_mini.grpo_loop_draft import EVAL_SEED, GRPOConfig, evaluate_accuracy, load_policy, train_grpo
+from deepseek_mini.grpo import EVAL_SEED, GRPOConfig, evaluate_accuracy, grpo_step, load_policy, train_grpo
 from deepseek_mini.runs import save_checkpoint
 from deepseek_mini.train import TrainConfig, train
 
@@ -97,11 +99,9 @@ def sanity(args: argparse.Namespace) -> None:
     This separates "the loop is wrong" from "the task is too hard / too few samples": the same batch
     is resampled each step (fresh completions), so success here shows the update direction is right.
     """
-    import deepseek_mini.grpo_loop_draft as loop
     from deepseek_mini.hooks import MoEBalancing
 
     fixed = verifiable_problems(args.prompts, seed=5, domains=args.domains)
-    loop.verifiable_problems = lambda n, seed, domains: fixed     # every step: the same problems
     policy, _ = load_policy(args.init)
     print("problems:", [p.prompt + p.answer for p in fixed])
     print("greedy before:", json.dumps(evaluate_accuracy(policy, fixed, args.max_new_tokens)), flush=True)
@@ -111,7 +111,7 @@ def sanity(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     balancing = MoEBalancing(args.gamma, "none", 0.0)
     for step in range(1, args.steps + 1):
-        record = loop.grpo_step(policy, None, optimizer, balancing, cfg, step)
+        record = grpo_step(policy, None, optimizer, balancing, cfg, step, problems=fixed)
         if step % 5 == 0:
             print(json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
     print("greedy after:", json.dumps(evaluate_accuracy(policy, fixed, args.max_new_tokens)))
@@ -142,17 +142,52 @@ def plot(args: argparse.Namespace) -> None:
     print(args.out / "grpo_curves.png")
 
 
+CURVE_KEYS = ("reward", "accuracy", "kl", "completion_length", "zero_std_fraction", "maxvio")
+
+
+def _summary_of(run_dir: Path, window: int) -> dict:
+    """A run's metrics.jsonl as means over ``window``-step windows, with its first/last-fifth reward."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fifth = max(1, len(records) // 5)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)   # noqa: E731
+    chunks = [records[i:i + window] for i in range(0, len(records), window)]
+    curves = {"step": [c[-1]["step"] for c in chunks]}
+    curves |= {k: [round(mean(c, k), 4) for c in chunks] for k in CURVE_KEYS}
+    return {"steps": len(records), "reward_first_fifth": round(mean(records[:fifth], "reward"), 4),
+            "reward_last_fifth": round(mean(records[-fifth:], "reward"), 4), "curves": curves}
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """Write the notebook's stored results: every ``--runs NAME=DIR`` run's windowed metrics and its held-out
+    greedy accuracy before/after (from DIR/../summary.jsonl, or ``--accuracy NAME=BEFORE,AFTER``)."""
+    given = dict(item.split("=", 1) for item in args.accuracy)
+    out = {"window": args.window, "runs": {}}
+    for item in args.runs:
+        name, run_dir = item.split("=", 1)
+        run_dir = Path(run_dir)
+        entry = _summary_of(run_dir, args.window)
+        if name in given:
+            entry["before"], entry["after"] = (float(x) for x in given[name].split(","))
+        else:
+            rows = [json.loads(line) for line in (run_dir.parent / "summary.jsonl").read_text().splitlines()]
+            row = [r for r in rows if r["run"] == run_dir.name][-1]
+            entry["before"], entry["after"] = row["before"], row["after"]
+        out["runs"][name] = entry
+    args.json.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    print(args.json, f"{args.json.stat().st_size / 1024:.0f} KiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("sft", "rl", "sanity", "plot"))
+    parser.add_argument("command", choices=("sft", "rl", "sanity", "plot", "summarize"))
     parser.add_argument("--out", type=Path, default=Path("runs/grpo-exp"))
     parser.add_argument("--domains", default="addition", help="comma-separated problem domains")
     parser.add_argument("--n-docs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=25, help="sft: keep a checkpoint every N steps")
     parser.add_argument("--keep", type=int, default=100, help="sft: the step whose weights --keep-path gets (0 = none)")
-    parser.add_argument("--keep-path", type=Path, default=Path("checkpoints/toy_moe_addition_sft.pt"))
-    parser.add_argument("--init", type=Path, default=Path("checkpoints/toy_moe_addition_sft.pt"),
+    parser.add_argument("--keep-path", type=Path, default=Path("notebooks/data/toy_moe_addition_sft.pt"))
+    parser.add_argument("--init", type=Path, default=Path("notebooks/data/toy_moe_addition_sft.pt"),
                         help="rl: the SFT checkpoint to start from")
     parser.add_argument("--variants", default="grpo,grpo-beta0,reinforce")
     parser.add_argument("--seeds", default="0")
@@ -163,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--eval", type=int, default=200, help="held-out problems")
     parser.add_argument("--gamma", type=float, default=0.001, help="sanity: MoE bias update speed")
+    parser.add_argument("--runs", nargs="*", default=[], metavar="NAME=DIR", help="summarize: the runs to store")
+    parser.add_argument("--accuracy", nargs="*", default=[], metavar="NAME=BEFORE,AFTER",
+                        help="summarize: held-out accuracy of runs without a summary.jsonl line")
+    parser.add_argument("--window", type=int, default=20, help="summarize: steps per curve point")
+    parser.add_argument("--json", type=Path, default=Path("notebooks/data/grpo_runs.json"))
     args = parser.parse_args(argv)
     args.domains = tuple(args.domains.split(","))
     args.variants = args.variants.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    {"sft": sft, "rl": rl, "sanity": sanity, "plot": plot}[args.command](args)
+    {"sft": sft, "rl": rl, "sanity": sanity, "plot": plot, "summarize": summarize}[args.command](args)
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from deepseek_mini.data import (ACCURACY_WEIGHT, EOS_ID, FORMAT_WEIGHT, ByteTokenizer, Problem, accuracy_reward,
                                 arithmetic_problem, batch_rewards, format_reward, parse_answer, reward, sort_problem,
                                 verifiable_problems)
-from deepseek_mini.grpo_draft import group_advantages
+from deepseek_mini.grpo import group_advantages
 
 
 def _solve(task: Problem) -> str:

@@ -1,58 +1,50 @@
-"""The GRPO training loop (draft for chapter 08): sample groups, score them by rules, update the policy.
+"""The GRPO run (hand-written): settings, the training loop with files, resume and ``python -m deepseek_mini.grpo``.
 
-One step of Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300 §4.1, Algorithm 1;
-DeepSeek-V3, arXiv 2412.19437 §5.2.2, eqs. 26-28)::
+The pieces are built in ``notebooks/08_grpo.ipynb`` and exported: ``deepseek_mini.grpo.loss`` (group
+advantages, the k3 KL, the clipped loss, completion log-probs) and ``deepseek_mini.grpo.step`` (group
+sampling and one GRPO step, DeepSeekMath arXiv 2402.03300 Algorithm 1; DeepSeek-V3 arXiv 2412.19437
+§5.2.2, eqs. 26-28). This module adds what needs files and a command line, as ``deepseek_mini.train``
+does for supervised training:
 
-    problems = verifiable_problems(P, seed=step's seed)         # P prompts with checkable answers
-    o_1..o_G ~ pi_old(. | q) for each q                          # batched KV-cache sampling, stop at "\\n"
-    r_i = reward(q, o_i);  A_i = (r_i - mean_group) / std_group  # eq. 28, no critic
-    repeat mu times: minimise grpo_loss(logp, old_logp, ref_logp, A, mask)   # eq. 26 with the k3 KL (eq. 27)
-    MoE bias update after each optimiser step                    # V3 §2.1.2, as in supervised training
-
-``old_logp`` is fixed for the batch: it is the first update's own log-prob, detached, so the first
-ratio is exactly 1. The reference policy is a frozen copy of the starting policy, copied again from
-the policy every ``ref_refresh`` steps (0 = never; DeepSeekMath §4.2's iterative GRPO resets it).
-``algorithm="reinforce"`` is the baseline the chapter compares with: REINFORCE with the group's mean
-reward as baseline (advantage r_i - mean, not divided by the std), no ratio clipping and no KL.
-
-A run writes ``metrics.jsonl`` (one record per step), ``checkpoint.pt`` (and ``checkpoint-NNNNNN.pt``
-every ``checkpoint_every`` steps) and resumes bit-identically: every step's problems and samples are
-drawn from seeds derived from ``(seed, step)``, so a resumed run sees what the uninterrupted one saw.
+* ``GRPOConfig``: the settings, each checked by ``validate`` with a one-line error;
+* ``train_grpo``: start from a supervised checkpoint, run ``grpo_step`` for ``steps`` steps, refresh the
+  frozen reference every ``ref_refresh`` steps, write ``metrics.jsonl`` (one record per step) and
+  ``checkpoint.pt`` (and ``checkpoint-NNNNNN.pt`` every ``checkpoint_every`` steps), under a run lock;
+* resume: bit-identical to an uninterrupted run, because every step's problems and samples are drawn
+  from seeds derived from ``(seed, step)`` and the checkpoint holds the policy, the optimizer, the
+  reference and the records; only ``RESUMABLE`` settings may change;
+* ``main``: the command line (``python -m deepseek_mini.grpo --help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.data import EOS_ID, TASK_DOMAINS, ByteTokenizer, Problem, batch_rewards, verifiable_problems
-from deepseek_mini.generate import generate
-from deepseek_mini.grpo_draft import LOSS_TYPES, completion_logprobs, group_advantages, grpo_loss
+from deepseek_mini.data import TASK_DOMAINS, verifiable_problems
+from deepseek_mini.grpo.loss import LOSS_TYPES
+from deepseek_mini.grpo.step import ALGORITHMS, evaluate_accuracy, frozen_reference, grpo_step
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import moe_layers
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, find_checkpoint,
                                 load_checkpoint, peek_checkpoint, prepare_folder, save_checkpoint)
 
-__all__ = ["ALGORITHMS", "GRPOConfig", "GRPOResult", "load_policy", "sample_groups", "evaluate_accuracy",
-           "grpo_step", "train_grpo", "main"]
+__all__ = ["EVAL_SEED", "RESUMABLE", "GRPOConfig", "GRPOResult", "load_policy", "train_grpo", "main"]
 
-ALGORITHMS = ("grpo", "reinforce")
-STOP_TOKENS = (ord("\n"), EOS_ID)   # end of answer: the corpus ends every answer line with one of them
-EVAL_SEED = 987_654_321             # held-out problems: a seed no training step uses (see _step_seed)
+EVAL_SEED = 987_654_321             # held-out problems: a seed no training step uses (see step.step_seed)
 # What a resume may change; every other setting would change the run.
 RESUMABLE = ("steps", "out_dir", "checkpoint_every", "progress")
 
@@ -68,7 +60,7 @@ class GRPOConfig:
     mu: int = 1                      # policy updates per sampled batch (DeepSeekMath's mu; TRL num_iterations)
     clip_eps: float = 0.2            # ratio clip epsilon (eq. 26)
     beta: float = 0.04               # KL coefficient (eq. 26); 0 = no reference model at all
-    loss_type: str = "grpo"          # "grpo" | "bnpo" | "dr_grpo" (grpo_draft.grpo_loss)
+    loss_type: str = "grpo"          # "grpo" | "bnpo" | "dr_grpo" (deepseek_mini.grpo.grpo_loss)
     algorithm: str = "grpo"          # "grpo" | "reinforce" (mean baseline, no clip, no KL)
     lr: float = 1e-3                 # AdamW learning rate, constant
     grad_clip: float = 1.0           # global gradient-norm clip
@@ -143,110 +135,7 @@ def load_policy(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     return model, config
 
 
-def _cut_at_stop(tokens: Tensor) -> Tensor:
-    """A completion up to and including its first end-of-answer token ("\\n" or EOS); as is if none."""
-    stops = (tokens[:, None] == torch.tensor(STOP_TOKENS)).any(-1).nonzero()
-    return tokens[: int(stops[0]) + 1] if len(stops) else tokens
-
-
-def sample_groups(model: nn.Module, problems: Sequence[Problem], group_size: int, max_new_tokens: int,
-                  temperature: float, seed: int) -> tuple[list[Tensor], list[Tensor], list[str]]:
-    """G completions per problem in one batched, KV-cached ``generate`` call (eval mode: no MoE load counted).
-
-    Returns ``(prompts, completions, texts)``, ``len(problems) * group_size`` each, every problem's G
-    rows contiguous. ``generate`` stops at "\\n" only, so each completion is cut at its first "\\n" or
-    EOS here, before scoring and before its log-probs are taken.
-    """
-    if not problems or isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"need at least one problem and a positive int group_size (got {len(problems)}, "
-                         f"{group_size!r})")
-    if not temperature > 0:
-        raise ValueError(f"temperature ({temperature}) must be > 0 to sample a group")
-    return _sample(model, problems, group_size, max_new_tokens, temperature, seed)
-
-
-def _sample(model: nn.Module, problems: Sequence[Problem], group_size: int, max_new_tokens: int,
-            temperature: float, seed: int | None) -> tuple[list[Tensor], list[Tensor], list[str]]:
-    """``sample_groups`` without its checks; temperature 0 is greedy (held-out evaluation)."""
-    tok = ByteTokenizer()
-    prompts = [torch.tensor(tok.encode(p.prompt, bos=True)) for p in problems for _ in range(group_size)]
-    seqs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_token=ord("\n"), seed=seed)
-    completions = [_cut_at_stop(s[len(p):]) for s, p in zip(seqs, prompts)]
-    texts = [tok.decode(c, skip_special=False) for c in completions]
-    return prompts, completions, texts
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, problems: Sequence[Problem], max_new_tokens: int = 24,
-                      batch_size: int = 64) -> dict[str, float]:
-    """Greedy pass@1 on ``problems``: the fraction answered exactly, overall and per domain."""
-    if not problems:
-        raise ValueError("problems is empty: need at least one to evaluate")
-    correct: dict[str, list[float]] = {}
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        _, _, texts = _sample(model, chunk, 1, max_new_tokens, temperature=0.0, seed=None)
-        scores = batch_rewards(chunk, texts, 1)["accuracy"].tolist()
-        for p, s in zip(chunk, scores):
-            correct.setdefault(p.domain, []).append(s)
-    every = [s for v in correct.values() for s in v]
-    return {"accuracy": sum(every) / len(every), **{f"accuracy_{d}": sum(v) / len(v) for d, v in correct.items()}}
-
-
-def _step_seed(seed: int, step: int) -> int:
-    """The seed of step ``step``'s problems and samples: a function of (seed, step) only, so a resumed
-    run draws what the uninterrupted one drew."""
-    return 1_000_003 * seed + step
-
-
-def grpo_step(policy: nn.Module, reference: nn.Module | None, optimizer: torch.optim.Optimizer,
-              balancing: MoEBalancing, cfg: GRPOConfig, step: int) -> dict[str, Any]:
-    """One GRPO (or REINFORCE) step: sample, score, advantages, ``cfg.mu`` updates. Returns its record."""
-    started = time.perf_counter()
-    problems = verifiable_problems(cfg.prompts_per_step, seed=_step_seed(cfg.seed, step), domains=cfg.domains)
-    prompts, completions, texts = sample_groups(policy, problems, cfg.group_size, cfg.max_new_tokens,
-                                                cfg.temperature, seed=_step_seed(cfg.seed, step))
-    scores = batch_rewards(problems, texts, cfg.group_size)
-    advantages = group_advantages(scores["reward"], cfg.group_size, scale=cfg.algorithm == "grpo")
-    ref_logp = None
-    if reference is not None:        # frozen within the batch: one forward, no gradient, eval mode (no load)
-        with torch.no_grad():
-            ref_logp, _ = completion_logprobs(reference, prompts, completions, cfg.temperature)
-    old_logp = None
-    losses, kls, clips, maxvios = [], [], [], []
-    policy.train()                   # MoE layers count their load: the bias update below uses it
-    for _ in range(cfg.mu):
-        logp, mask = completion_logprobs(policy, prompts, completions, cfg.temperature)
-        if old_logp is None or cfg.algorithm == "reinforce":
-            old_logp = logp.detach()     # pi_old = the policy that sampled: the first ratio is exactly 1
-        loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=cfg.clip_eps,
-                                  beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        balancing.after_optimizer_step(policy, step)    # V3 §2.1.2: b_i += gamma * sign(mean load - load_i)
-        losses.append(loss.item())
-        clips.append(metrics["clip_fraction"])
-        kls.append(metrics.get("kl", 0.0))
-        maxvios.append(balancing.metrics(policy, step).get("maxvio", 0.0))
-    grouped = scores["reward"].view(-1, cfg.group_size)
-    return {
-        "step": step, "reward": scores["reward"].mean().item(), "accuracy": scores["accuracy"].mean().item(),
-        "format": scores["format"].mean().item(), "loss": sum(losses) / len(losses),
-        "kl": sum(kls) / len(kls), "clip_fraction": sum(clips) / len(clips),
-        "completion_length": sum(len(c) for c in completions) / len(completions),
-        "zero_std_fraction": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
-        "maxvio": max(maxvios), "step_time_s": time.perf_counter() - started,
-    }
-
-
 # ----------------------------------------------------------------------------- the run
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    reference = copy.deepcopy(model).eval()   # eval: no dropout, MoE layers count no load
-    return reference.requires_grad_(False)
-
-
 def _check_resume(saved: dict[str, Any], cfg: GRPOConfig, path: Path) -> GRPOConfig:
     """The checkpoint's settings with ``cfg``'s resumable ones; any other difference is an error."""
     merged = GRPOConfig(**{**saved, "domains": tuple(saved["domains"])})
@@ -288,7 +177,7 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
         if out_dir is not None:
             prepare_folder(out_dir, find_checkpoint(resume) if resume is not None else None, start, overwrite,
                            cli=False)()
-        reference = _frozen_copy(policy) if cfg.beta > 0 else None
+        reference = frozen_reference(policy) if cfg.beta > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         balancing = MoEBalancing(cfg.bias_update_speed, balance_loss="none", alpha=0.0)
         history: list[dict[str, Any]] = []

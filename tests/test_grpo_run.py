@@ -1,4 +1,4 @@
-"""The GRPO loop (chapter 08 draft): one tiny end-to-end run, exact resume, the reference's refresh,
+"""The GRPO loop (chapter 08; deepseek_mini.grpo.step and .run): one tiny end-to-end run, exact resume, the reference's refresh,
 the MoE bias update under RL, the REINFORCE baseline, bad settings and the command line."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from deepseek_mini.config import load_config
 from deepseek_mini.data import verifiable_problems
-from deepseek_mini.grpo_loop_draft import (GRPOConfig, evaluate_accuracy, grpo_step, load_policy, main,
-                                           sample_groups, train_grpo)
+from deepseek_mini.grpo import (GRPOConfig, evaluate_accuracy, grpo_step, load_policy, main, sample_groups,
+                                train_grpo)
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import moe_layers
 from deepseek_mini.runs import load_checkpoint, save_checkpoint
@@ -85,7 +85,7 @@ def test_no_reference_without_kl(init, tmp_path):
 
 
 def test_first_update_ratio_is_one_then_clipping(init, monkeypatch):
-    import deepseek_mini.grpo_loop_draft as loop
+    import deepseek_mini.grpo.step as loop
     from deepseek_mini.hooks import MoEBalancing
 
     def mixed(problems, texts, group_size):      # rewards 0, 1, 2, ... in every group: advantages never 0

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepseek_mini.grpo_draft import LOSS_TYPES, STD_EPS, group_advantages, grpo_loss, k3_kl
+from deepseek_mini.grpo import LOSS_TYPES, STD_EPS, group_advantages, grpo_loss, k3_kl
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -314,7 +314,7 @@ def test_completion_logprobs_match_sampling_and_carry_gradients():
     scores with one teacher-forced pass: both must give the same log-probs, or rho != 1 at the first update."""
     from deepseek_mini.data import ByteTokenizer
     from deepseek_mini.generate import generate
-    from deepseek_mini.grpo_draft import completion_logprobs
+    from deepseek_mini.grpo import completion_logprobs
     from deepseek_mini.model import build_model
     from deepseek_mini.data import verifiable_problems
 
