@@ -156,3 +156,15 @@ def test_cli_help_and_errors(init, capsys, tmp_path):
     assert load_checkpoint(tmp_path)["train_config"]["group_size"] == 2
     assert main(["--resume", str(tmp_path), "--steps", "3", "--group-size", "4", "--eval", "0"]) == 2
     assert "group_size (4) differs" in capsys.readouterr().err
+
+
+def test_python_m_deepseek_mini_grpo_runs_the_command_line():
+    """``python -m deepseek_mini.grpo`` goes through the package's ``__main__`` to ``run.main``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "deepseek_mini.grpo", "--steps", "0"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: steps (0) must be a positive integer"
