@@ -572,6 +572,18 @@ def _tensor_of(exercise: str, got, name: str, shape: tuple, dtype: torch.dtype,
     return got.detach()
 
 
+def _number_of(exercise: str, got, case: str, hint: str) -> float:
+    """``got`` as a finite Python float (a number or a one-element tensor), or a CheckFailure saying what it is."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1 and got.dtype != torch.bool:
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, numbers.Real):
+        _fail(exercise, f"{case} returned {type(got).__name__}; expected a number", hint)
+    got = float(got)
+    if not math.isfinite(got):
+        _fail(exercise, f"{case} returned {got}; expected a finite number", hint)
+    return got
+
+
 def _shift_variant(labels: torch.Tensor, length: int, start: int, fill: int, left: bool = False) -> torch.Tensor:
     """labels[:, start : start + length], padded to ``length`` with ``fill`` (at the end, or at the start)."""
     piece = labels[:, max(start, 0):max(start, 0) + length]
@@ -1217,11 +1229,8 @@ def check_bubble(bubble: Callable) -> None:
     for schedule, pp in cases:
         case = f"bubble({schedule!r}, pp={pp}, F={F}, B={B}, W={W}, FB={FB})"
         got = _call_safe(ex, bubble, case, schedule, pp, F, B, W, FB)
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if isinstance(got, bool) or not isinstance(got, numbers.Real):
-            _fail(ex, f"{case} returned {type(got).__name__}; expected a number (a time, in the units of F and B)",
-                  "return the formula's value, e.g. (pp - 1) * (F + B) for 1F1B")
+        got = _number_of(ex, got, case, "return the formula's value, a time in the units of F and B, "
+                                        "e.g. (pp - 1) * (F + B) for 1F1B")
         expected = bubble_formula(schedule, pp, F, B, W, FB)
         if math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9):
             continue
@@ -1491,18 +1500,6 @@ def _ramp_variant(dim: int, base: float, original_max: int, beta_fast: float, be
     index = torch.arange(0, dim, 2) if channel_index else torch.arange(dim // 2)
     rising = ((index.float() - low) / width).clamp(0, 1)
     return rising if reverse else 1 - rising
-
-
-def _number_of(exercise: str, got, case: str, hint: str) -> float:
-    """``got`` as a finite Python float (a number or a one-element tensor), or a CheckFailure saying what it is."""
-    if isinstance(got, torch.Tensor) and got.numel() == 1 and got.dtype != torch.bool:
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, numbers.Real):
-        _fail(exercise, f"{case} returned {type(got).__name__}; expected a number", hint)
-    got = float(got)
-    if not math.isfinite(got):
-        _fail(exercise, f"{case} returned {got}; expected a finite number", hint)
-    return got
 
 
 def check_ntk_by_parts_ramp(ntk_by_parts_ramp: Callable) -> None:

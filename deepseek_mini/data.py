@@ -30,6 +30,15 @@ A trained model falls well below it, because answers here are predictable from c
 
 Documents are stored as ``BOS + bytes + EOS`` concatenated into one long stream;
 training windows are cut from it at random positions (no padding needed).
+
+Passkey retrieval (chapter 07, context extension). :func:`passkey_document` hides a
+random number ("The pass key=40913.") at a chosen fractional depth of grammar-sentence
+filler and asks for it at the very end ("What is the pass key? The pass key=40913"),
+so a document of exactly ``n_tokens`` byte tokens ends with the answer digits. The
+YaRN paper measures context extension this way (arXiv 2309.00071 §4.3.2), the
+"needle in a haystack" DeepSeek-V3 reports up to 128K (arXiv 2412.19437 §4.3, Fig. 8).
+:func:`passkey_batch` tokenises a batch of them and :func:`passkey_correct` scores it
+from the model's logits.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ __all__ = [
     "PAD_ID", "BOS_ID", "EOS_ID", "SEP_ID", "VOCAB_SIZE", "SPECIAL_TOKENS", "DOMAINS",
     "ByteTokenizer", "Document", "generate_document", "synthetic_corpus", "load_text_file",
     "TokenStream", "tokenize_documents", "train_val_split", "Batcher", "eval_batches",
-    "unigram_entropy", "make_datasets",
+    "unigram_entropy", "make_datasets", "PasskeyDocument", "passkey_document", "passkey_batch",
+    "passkey_correct",
     # verifiable problems and rule-based rewards (chapter 08, GRPO)
     "TASK_DOMAINS", "ACCURACY_WEIGHT", "FORMAT_WEIGHT", "END_OF_ANSWER", "Problem", "arithmetic_problem",
     "sort_problem", "addition_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward",
@@ -440,6 +450,117 @@ def make_datasets(source: str | Path = "synthetic", n_docs: int = 4000, seed: in
     names = _default_domain_names(docs)
     train, val = train_val_split(docs, val_fraction, seed)
     return tokenize_documents(train, domain_names=names), tokenize_documents(val, domain_names=names)
+
+
+# ----------------------------------------------------------------- passkey retrieval
+# "key=" before the digits: a marker the grammar filler never holds (it has "this dog", so
+# "is " before the digits would be ambiguous to a model that matches a token or two back).
+PASSKEY_SENTENCE = " The pass key={key}. "              # hidden at `depth` in the filler
+PASSKEY_QUESTION = " What is the pass key? The pass key="  # then the answer digits, last
+
+
+@dataclass(frozen=True)
+class PasskeyDocument:
+    """A passkey retrieval document: ``text`` ends with ``answer``, hidden earlier at ``key_start``."""
+
+    text: str        # filler + key sentence + filler + question + answer: len(text) byte tokens
+    answer: str      # the key's digits, the last len(answer) characters of text
+    key_start: int   # offset of the key sentence in text (characters = byte tokens)
+
+    @property
+    def prompt(self) -> str:
+        """The text without the answer: what a model reads before it must produce the key."""
+        return self.text[: len(self.text) - len(self.answer)]
+
+
+def _passkey_overhead(digits: int) -> int:
+    """Tokens a passkey document needs besides filler: key sentence, question and answer."""
+    return len(PASSKEY_SENTENCE.format(key="0" * digits)) + len(PASSKEY_QUESTION) + digits
+
+
+def _filler(rng: random.Random, n_chars: int) -> str:
+    """Exactly ``n_chars`` characters of grammar sentences (no digits, so nothing looks like a key)."""
+    pieces, length = [], -1   # the joined length: the pieces plus one space between each two
+    while length < n_chars:
+        pieces.append(_grammar_line(rng))
+        length += len(pieces[-1]) + 1
+    return " ".join(pieces)[:n_chars]
+
+
+def _check_passkey_args(n_tokens: object, digits: object) -> None:
+    _check_positive_int("digits", digits)
+    _check_positive_int("n_tokens", n_tokens)
+    need = _passkey_overhead(digits)  # type: ignore[arg-type]
+    if n_tokens < need:  # type: ignore[operator]
+        raise ValueError(f"n_tokens ({n_tokens}) is too small: a passkey document with {digits} digits "
+                         f"needs at least {need} tokens (key sentence + question + answer)")
+
+
+def _check_depth(depth: object) -> float:
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise ValueError(f"depth ({depth!r}) must be a number in [0, 1] (0: key first, 1: key just "
+                         "before the question)")
+    return float(depth)
+
+
+def passkey_document(rng: random.Random, n_tokens: int, depth: float, digits: int = 5) -> PasskeyDocument:
+    """A document of exactly ``n_tokens`` byte tokens: filler, the key at ``depth``, the question, the key.
+
+    ``depth`` is the key sentence's fractional position in the filler: 0 puts it first, 1
+    right before the question, 0.5 in the middle (offset ``round(depth * n_filler)``). The key
+    is ``digits`` random decimal digits (leading zeros allowed). The same ``rng`` state gives
+    the same document.
+    """
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    _check_passkey_args(n_tokens, digits)
+    depth = _check_depth(depth)
+    answer = f"{rng.randrange(10**digits):0{digits}d}"
+    n_filler = n_tokens - _passkey_overhead(digits)
+    filler = _filler(rng, n_filler)
+    key_start = round(depth * n_filler)
+    text = (filler[:key_start] + PASSKEY_SENTENCE.format(key=answer) + filler[key_start:]
+            + PASSKEY_QUESTION + answer)
+    return PasskeyDocument(text, answer, key_start)
+
+
+def passkey_batch(rng: random.Random, batch_size: int, n_tokens: int, depth: float | None = None,
+                  digits: int = 5) -> tuple[Tensor, Tensor]:
+    """``batch_size`` passkey documents as tokens (B, n_tokens) and the answer positions (digits,).
+
+    ``depth=None`` draws each document's depth uniformly from [0, 1] (for training); a number
+    puts every key there (for a needle-in-a-haystack grid cell). The answer occupies the same
+    last ``digits`` positions in every row, so one positions tensor serves the whole batch. No
+    BOS/EOS: every token is a byte of the document.
+    """
+    _check_positive_int("batch_size", batch_size)
+    if depth is not None:
+        _check_depth(depth)
+    _check_passkey_args(n_tokens, digits)
+    docs = [passkey_document(rng, n_tokens, rng.random() if depth is None else depth, digits)
+            for _ in range(batch_size)]
+    tokens = torch.tensor([list(d.text.encode("ascii")) for d in docs], dtype=torch.long)  # (B, n_tokens)
+    return tokens, torch.arange(n_tokens - digits, n_tokens)
+
+
+def passkey_correct(logits: Tensor, tokens: Tensor, answer_positions: Tensor) -> Tensor:
+    """True (B,) where the argmax at every answer position is the right digit (teacher forced).
+
+    ``logits`` (B, T, V) come from running the model on ``tokens`` (B, T); position p - 1
+    predicts token p. Requiring every digit right under teacher forcing is the same as
+    greedy decoding of the answer: greedy decoding reproduces the teacher's prefix exactly as
+    long as each argmax is right, and stops being right at the first argmax that is not.
+    """
+    if logits.dim() != 3 or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V) for tokens (B, T) "
+                         f"{tuple(tokens.shape)}")
+    positions = torch.as_tensor(answer_positions, dtype=torch.long)
+    if positions.dim() != 1 or positions.numel() == 0 or int(positions.min()) < 1 \
+            or int(positions.max()) >= tokens.shape[1]:
+        raise ValueError(f"answer_positions must be a non-empty 1-D list of positions in [1, "
+                         f"{tokens.shape[1]}), got {positions.tolist()}")
+    predicted = logits[:, positions - 1].argmax(dim=-1)  # (B, digits)
+    return (predicted == tokens[:, positions]).all(dim=-1)
 
 
 # ----------------------------------------------------------------- verifiable problems and rule-based rewards

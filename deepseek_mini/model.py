@@ -336,8 +336,8 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     On ``device="meta"`` no memory is allocated and no weights are initialised: use it to
     inspect shapes and count parameters of configurations too large to materialise.
     ``seed`` makes initialisation reproducible without touching the global RNG.
-    Raises ``NotImplementedError`` (on every device) for a feature a later chapter builds,
-    e.g. the ``deepseek-v3`` preset's YaRN; ``count_parameters`` still counts it.
+    Raises ``NotImplementedError`` (on every device) for a field the model does not build
+    (``attention_bias`` with MLA).
     """
     config = load_config(config) if not isinstance(config, ModelConfig) else config
     device = torch.device(device)

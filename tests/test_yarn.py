@@ -114,7 +114,10 @@ def test_bad_inputs_raise_one_line_errors():
 
 
 # --------------------------------------------------------------- transformers parity
-transformers = pytest.importorskip("transformers")
+@pytest.fixture
+def hf_lib():
+    """transformers, a test-only dependency: the parity tests skip without it, the rest still run."""
+    return pytest.importorskip("transformers")
 
 
 def _hf(config):
@@ -124,7 +127,7 @@ def _hf(config):
     return DeepseekV3Config(**hf_config_dict(config))
 
 
-def test_v3_matches_transformers(v3):
+def test_v3_matches_transformers(v3, hf_lib):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
 
@@ -147,7 +150,7 @@ def test_v3_matches_transformers(v3):
 
 @pytest.mark.parametrize("extra", [{}, {"mscale": 0.707, "mscale_all_dim": 1.0}, {"attention_factor": 1.25},
                                    {"beta_fast": 16, "beta_slow": 2, "truncate": False}])
-def test_toy_yarn_variants_match_transformers(extra):
+def test_toy_yarn_variants_match_transformers(extra, hf_lib):
     """Without mscale_all_dim the temperature goes onto cos/sin (mscale(s)) and the softmax is plain."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
@@ -163,7 +166,7 @@ def test_toy_yarn_variants_match_transformers(extra):
                                                        rel=1e-12)
 
 
-def test_plain_and_linear_inv_freq_equal_transformers_bit_for_bit():
+def test_plain_and_linear_inv_freq_equal_transformers_bit_for_bit(hf_lib):
     """Chapter 01's frequencies are built as 1 / b^(2i/d), the float32 form of transformers and DeepSeek."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
@@ -197,7 +200,7 @@ def _hf_yarn(tmp_path, **rope):
                                   {"mscale": 0.707, "mscale_all_dim": 1.0},    # both: ratio on cos/sin as well
                                   {}])                                         # none: mscale(s) on cos/sin
 @pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
-def test_yarn_checkpoint_logits_match_transformers(tmp_path, rope, attn_impl):
+def test_yarn_checkpoint_logits_match_transformers(tmp_path, rope, attn_impl, hf_lib):
     from deepseek_mini.pretrained import from_pretrained
 
     hf_logits = _hf_yarn(tmp_path, **rope)
@@ -212,7 +215,7 @@ def test_yarn_checkpoint_logits_match_transformers(tmp_path, rope, attn_impl):
         assert (plain(LONG) - hf_logits).abs().max() > 1e-2
 
 
-def test_transformers_loads_our_yarn_and_half_split_model(tmp_path):
+def test_transformers_loads_our_yarn_and_half_split_model(tmp_path, hf_lib):
     """What we save with YaRN and rope_interleave=False, transformers runs the same."""
     from transformers import DeepseekV3ForCausalLM
 
