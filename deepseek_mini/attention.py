@@ -133,9 +133,12 @@ class Attention(nn.Module):
 
     n_kv_heads == n_heads is multi-head attention, 1 < n_kv_heads < n_heads is grouped-query
     attention, n_kv_heads == 1 is multi-query attention. RoPE rotates queries and keys.
+    ``softmax_scale`` replaces 1/sqrt(head_dim) (YaRN's temperature, chapter 07);
+    ``rope_interleave`` picks RoPE's pair layout (``apply_rope``).
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = False) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = False,
+                 softmax_scale: float | None = None, rope_interleave: bool = True) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if dim % n_heads or n_heads % n_kv_heads:
@@ -146,7 +149,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
-        self.softmax_scale = self.head_dim ** -0.5
+        self.softmax_scale = self.head_dim ** -0.5 if softmax_scale is None else softmax_scale
+        self.rope_interleave = rope_interleave
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
         return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -162,7 +166,7 @@ class Attention(nn.Module):
         Ragged batches pass per-row positions (B, T) as ``start_pos`` and a (B, 1, T, S) ``mask``.
         """
         q, k, v = (rearrange(w(x), "b t (h d) -> b t h d", d=self.head_dim) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = (apply_rope(t, *rope, interleaved=self.rope_interleave) for t in (q, k))
         q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(k, v, start_pos)

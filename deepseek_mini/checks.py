@@ -30,7 +30,8 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_max_violation", "check_mtp_shift", "check_mtp_depth_loss", "check_greedy_verify",
            "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm",
            "check_bubble", "check_one_f_one_b", "check_all_to_all_counts",
-           "check_dualpipev_stage_ranks"]
+           "check_dualpipev_stage_ranks", "check_ntk_by_parts_ramp", "check_yarn_mscale",
+           "check_yarn_softmax_scale", "check_interpolated_inv_freq"]
 
 
 class CheckFailure(AssertionError):
@@ -569,6 +570,18 @@ def _tensor_of(exercise: str, got, name: str, shape: tuple, dtype: torch.dtype,
     if got.dtype != dtype:
         _fail(exercise, f"{name} has dtype {got.dtype}, expected {dtype}", hint)
     return got.detach()
+
+
+def _number_of(exercise: str, got, case: str, hint: str) -> float:
+    """``got`` as a finite Python float (a number or a one-element tensor), or a CheckFailure saying what it is."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1 and got.dtype != torch.bool:
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, numbers.Real):
+        _fail(exercise, f"{case} returned {type(got).__name__}; expected a number", hint)
+    got = float(got)
+    if not math.isfinite(got):
+        _fail(exercise, f"{case} returned {got}; expected a finite number", hint)
+    return got
 
 
 def _shift_variant(labels: torch.Tensor, length: int, start: int, fill: int, left: bool = False) -> torch.Tensor:
@@ -1216,11 +1229,8 @@ def check_bubble(bubble: Callable) -> None:
     for schedule, pp in cases:
         case = f"bubble({schedule!r}, pp={pp}, F={F}, B={B}, W={W}, FB={FB})"
         got = _call_safe(ex, bubble, case, schedule, pp, F, B, W, FB)
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if isinstance(got, bool) or not isinstance(got, numbers.Real):
-            _fail(ex, f"{case} returned {type(got).__name__}; expected a number (a time, in the units of F and B)",
-                  "return the formula's value, e.g. (pp - 1) * (F + B) for 1F1B")
+        got = _number_of(ex, got, case, "return the formula's value, a time in the units of F and B, "
+                                        "e.g. (pp - 1) * (F + B) for 1F1B")
         expected = bubble_formula(schedule, pp, F, B, W, FB)
         if math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9):
             continue
@@ -1350,6 +1360,19 @@ def _all_to_all_variant(counts: torch.Tensor, ep_size: int, placement: str = "bl
     return (send.T if transpose_send else send), (received.transpose(0, 1) if transpose_received else received)
 
 
+def _diagnose_counts(ex: str, case: str, name: str, got: torch.Tensor, want: torch.Tensor,
+                     mistakes: list[tuple[dict, str]], variant: Callable[[dict], torch.Tensor], hint: str) -> None:
+    """Fail naming the first known mistake whose result ``got`` equals, else the first wrong element."""
+    if torch.equal(got, want):
+        return
+    for kw, mistake in mistakes:
+        wrong = variant(kw)
+        if not torch.equal(wrong, want) and torch.equal(got, wrong):
+            _fail(ex, f"{case}: {name} is wrong", mistake)
+    index = tuple(int(i) for i in (got != want).nonzero()[0])
+    _fail(ex, f"{case}: {name}{list(index)} = {int(got[index])}, expected {int(want[index])}", hint)
+
+
 def check_all_to_all_counts(all_to_all_counts: Callable) -> None:
     """Exercise 06.3: the counts exchange of the expert-parallel all-to-all (DeepSeek-V3 §3.2.2)."""
     ex = "all_to_all_counts"
@@ -1382,27 +1405,16 @@ def check_all_to_all_counts(all_to_all_counts: Callable) -> None:
                           "experts, not ep_size"),
                          (dict(self_send=False), "the diagonal is missing: a rank also 'sends' to itself the rows "
                           "of its own experts (the all-to-all includes the diagonal; on a GPU a local copy)")]
-        if not torch.equal(send, want_send):
-            for kw, hint in send_mistakes:
-                variant = _all_to_all_variant(counts, P, **kw)[0]
-                if not torch.equal(variant, want_send) and torch.equal(send, variant):
-                    _fail(ex, f"{case}: send is wrong", hint)
-            index = tuple(int(i) for i in (send != want_send).nonzero()[0])
-            _fail(ex, f"{case}: send{list(index)} = {int(send[index])}, expected {int(want_send[index])}", layout)
+        _diagnose_counts(ex, case, "send", send, want_send, send_mistakes,
+                         lambda kw: _all_to_all_variant(counts, P, **kw)[0], layout)
         received_mistakes = [(dict(transpose_received=True), "received is indexed [source, receiver, expert]: "
                               "received[d, s, e] is what rank d gets from rank s, i.e. counts[s, d * N_r/P + e]"),
                              (dict(placement="round_robin"), "local experts taken round-robin; rank d's local "
                               "expert e is global expert d * N_r/P + e"),
                              (dict(self_send=False), "received[d, d] is missing: a rank's own rows for its own "
                               "experts count too")]
-        if not torch.equal(received, want_received):
-            for kw, hint in received_mistakes:
-                variant = _all_to_all_variant(counts, P, **kw)[1]
-                if not torch.equal(variant, want_received) and torch.equal(received, variant):
-                    _fail(ex, f"{case}: received is wrong", hint)
-            index = tuple(int(i) for i in (received != want_received).nonzero()[0])
-            _fail(ex, f"{case}: received{list(index)} = {int(received[index])}, expected "
-                      f"{int(want_received[index])}", layout)
+        _diagnose_counts(ex, case, "received", received, want_received, received_mistakes,
+                         lambda kw: _all_to_all_variant(counts, P, **kw)[1], layout)
     try:
         _call(ex, all_to_all_counts, torch.ones(2, 5, dtype=torch.int64), 2)
     except ValueError:
@@ -1460,3 +1472,231 @@ def check_dualpipev_stage_ranks(dualpipev_stage_ranks: Callable) -> None:
             _fail(ex, f"{case}: stage {bad[0]} on rank {bad[1]}, but the ranks are 0..{pp - 1}", general)
         _fail(ex, f"{case} returned {ranks}, expected {expected}", general)
     _passed(ex, "the V: rank r holds stages r and 2*pp-1-r, the first and last stage on rank 0")
+
+
+# ----------------------------------------------------------------------- chapter 07
+
+
+def _correction_dim(n: float, dim: int, base: float, original_max: int, log_top: Callable = math.log,
+                    two_pi: bool = True) -> float:
+    """The pair index i where r_i = L / lambda_i = n (YaRN eq. 17-20), with an optional slip in it."""
+    return dim * log_top(original_max / (n * (2 * math.pi if two_pi else 1.0))) / (2 * math.log(base))
+
+
+def _ramp_variant(dim: int, base: float, original_max: int, beta_fast: float, beta_slow: float,
+                  reverse: bool = False, log_top: Callable = math.log, two_pi: bool = True, truncate: bool = True,
+                  clip: bool = True, denom: int = 0, channel_index: bool = False, swap: bool = False) -> torch.Tensor:
+    """The NTK-by-parts ramp gamma over the dim/2 pairs, or one of the usual mistakes (float32)."""
+    fast, slow = (beta_slow, beta_fast) if swap else (beta_fast, beta_slow)
+    low = _correction_dim(fast, dim, base, original_max, log_top, two_pi)
+    high = _correction_dim(slow, dim, base, original_max, log_top, two_pi)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    if clip:
+        low, high = max(low, 0), min(high, dim - 1)
+    width = high - low + denom
+    if width == 0:
+        width = 0.001
+    index = torch.arange(0, dim, 2) if channel_index else torch.arange(dim // 2)
+    rising = ((index.float() - low) / width).clamp(0, 1)
+    return rising if reverse else 1 - rising
+
+
+def check_ntk_by_parts_ramp(ntk_by_parts_ramp: Callable) -> None:
+    """Exercise 07.1: YaRN's ramp gamma_i over the pairs, 1 (keep theta) below the correction range, 0 above."""
+    from deepseek_mini.rope import yarn_correction_range, yarn_ramp
+
+    ex = "ntk_by_parts_ramp"
+    general = ("low = floor(i(beta_fast)), high = ceil(i(beta_slow)) with i(n) = dim * ln(L / (2 pi n)) / (2 ln base), "
+               "low clipped at 0 and high at dim - 1; gamma_i = 1 - clamp((i - low) / (high - low), 0, 1) "
+               "for the pair indices i = 0 .. dim/2 - 1")
+    cases = [(64, 10000.0, 4096, 32, 1, "DeepSeek-V3: dim 64, base 10000, L 4096, beta_fast 32, beta_slow 1"),
+             (16, 10000.0, 64, 32, 1, "dim 16, base 10000, L 64, beta_fast 32, beta_slow 1 (i(32) < 0)"),
+             (128, 10000.0, 2048, 16, 2, "dim 128, base 10000, L 2048, beta_fast 16, beta_slow 2"),
+             (32, 500000.0, 8192, 32, 1, "dim 32, base 500000, L 8192, beta_fast 32, beta_slow 1")]
+    mistakes = [(dict(reverse=True), "the ramp is reversed (you returned 1 - gamma): the fast pairs (small i, many "
+                 "turns over L) keep theta, gamma = 1; the slow pairs (large i) are interpolated, gamma = 0"),
+                (dict(swap=True), "beta_fast and beta_slow are swapped: low comes from beta_fast (32 turns, the "
+                 "faster pairs, smaller i), high from beta_slow (1 turn)"),
+                (dict(log_top=math.log10), "mixed logarithms: i(n) = dim * ln(L / (2 pi n)) / (2 ln base), the "
+                 "same log (math.log, natural) above and below"),
+                (dict(log_top=math.log2), "mixed logarithms: i(n) = dim * ln(L / (2 pi n)) / (2 ln base), the "
+                 "same log (math.log, natural) above and below"),
+                (dict(two_pi=False), "the wavelength is lambda_i = 2 pi / theta_i: the pair with r = L / lambda = n "
+                 "has i = dim * ln(L / (2 pi n)) / (2 ln base); the 2 pi is missing"),
+                (dict(truncate=False), "round the range outwards as DeepSeek's code and transformers do: "
+                 "low = math.floor(i(beta_fast)), high = math.ceil(i(beta_slow))"),
+                (dict(clip=False), "clip low at 0 (max(low, 0)): with a short L, i(beta_fast) is negative"),
+                (dict(denom=1), "off by one in the ramp's denominator: (i - low) / (high - low), not high - low + 1"),
+                (dict(denom=-1), "off by one in the ramp's denominator: (i - low) / (high - low), not high - low - 1"),
+                (dict(channel_index=True), "the ramp runs over the pair index i = 0 .. dim/2 - 1, not the channel "
+                 "index 2i (torch.arange(dim // 2), not torch.arange(0, dim, 2))")]
+    for dim, base, length, fast, slow, what in cases:
+        case = f"ntk_by_parts_ramp({dim}, {base:g}, {length}, {fast}, {slow}) [{what}]"
+        got = _call_safe(ex, ntk_by_parts_ramp, case, dim, base, length, fast, slow)
+        expected = yarn_ramp(*yarn_correction_range(fast, slow, dim, base, length), dim // 2)
+        got = _tensor_of(ex, got, f"gamma for {case}", expected.shape, torch.float32,
+                         "one float32 gamma per pair: shape (dim // 2,); torch.arange(dim // 2, dtype=torch.float32)")
+        if torch.allclose(got, expected, rtol=0, atol=1e-6):
+            continue
+        for kw, hint in mistakes:
+            wrong = _ramp_variant(dim, base, length, fast, slow, **kw)
+            if not torch.allclose(wrong, expected, rtol=0, atol=1e-6) and torch.allclose(got, wrong, rtol=0, atol=1e-6):
+                _fail(ex, f"{case}: gamma is that of another rule", hint)
+        if not ((got >= 0) & (got <= 1)).all():
+            bad = int((~((got >= 0) & (got <= 1))).nonzero()[0])
+            _fail(ex, f"{case}: gamma[{bad}] = {got[bad].item():.6g} is outside [0, 1]",
+                  "clamp (i - low) / (high - low) to [0, 1] before taking 1 - it")
+        if (got[1:] > got[:-1] + 1e-6).any():
+            _fail(ex, f"{case}: gamma rises with the pair index",
+                  "gamma falls from 1 (fast pairs, keep theta) to 0 (slow pairs, theta / s) as i grows")
+        assert_tensor_close(ex, got, expected, f"gamma for {case}", rtol=0, atol=1e-6, hint=general)
+    _passed(ex, "gamma = 1 up to floor(i(beta_fast)), 0 from ceil(i(beta_slow)), linear between "
+                "(DeepSeek-V3: pairs 0-10 kept, 23-31 interpolated)")
+
+
+def _mscale_variant(s: float, mscale: float = 1.0, log: Callable = math.log, guard: bool = True,
+                    power: float = 1.0, use_mscale: bool = True) -> float:
+    """YaRN's sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 when s <= 1), or one of the usual mistakes."""
+    if guard and s <= 1:
+        return 1.0
+    return (0.1 * (mscale if use_mscale else 1.0) * log(s) + 1.0) ** power
+
+
+_MSCALE_MISTAKES = [
+    (dict(log=math.log10), "use the natural logarithm: 0.1 * mscale * math.log(s) + 1, not math.log10"),
+    (dict(log=math.log2), "use the natural logarithm: 0.1 * mscale * math.log(s) + 1, not math.log2"),
+    (dict(guard=False), "for s <= 1 (no extension) return 1: YaRN's temperature only applies when the context "
+     "is stretched"),
+    (dict(use_mscale=False), "the log term is multiplied by the `mscale` argument: 0.1 * mscale * ln(s) + 1"),
+]
+
+
+def check_yarn_mscale(yarn_mscale: Callable) -> None:
+    """Exercise 07.2: YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(s) + 1, and 1 for s <= 1."""
+    from deepseek_mini.rope import yarn_mscale as reference
+
+    ex = "yarn_mscale"
+    general = "sqrt(1/t) = 0.1 * mscale * math.log(s) + 1 when s > 1, and 1.0 when s <= 1 (YaRN eq. 22)"
+    mistakes = [*_MSCALE_MISTAKES,
+                (dict(power=2.0), "return sqrt(1/t) = 0.1 * mscale * ln(s) + 1 itself, not its square: the square "
+                 "(1/t) is what the logits get, because both q and k are scaled"),
+                (dict(power=0.5), "0.1 * mscale * ln(s) + 1 is already sqrt(1/t): do not take another square root")]
+    cases = [(40.0, 1.0, "s = 40, mscale = 1 (DeepSeek-V3)"), (4.0, 1.0, "s = 4, mscale = 1"),
+             (8.0, 0.707, "s = 8, mscale = 0.707"), (1.0, 1.0, "s = 1 (no extension)"),
+             (0.5, 1.0, "s = 0.5 (shorter than trained: no temperature)"), (16.0, 0.0, "s = 16, mscale = 0")]
+    for s, mscale, what in cases:
+        case = f"yarn_mscale({s:g}, {mscale:g}) [{what}]"
+        got = _number_of(ex, _call_safe(ex, yarn_mscale, case, s, mscale), case, general)
+        expected = reference(s, mscale)
+        if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-9):
+            continue
+        hint = next((h for kw, h in mistakes
+                     if not math.isclose(_mscale_variant(s, mscale, **kw), expected, rel_tol=1e-6, abs_tol=1e-9)
+                     and math.isclose(got, _mscale_variant(s, mscale, **kw), rel_tol=1e-6, abs_tol=1e-9)), general)
+        _fail(ex, f"{case} returned {got:.6g}, expected {expected:.6g}", hint)
+    _passed(ex, f"sqrt(1/t) = 0.1 mscale ln(s) + 1, 1 for s <= 1 (DeepSeek-V3: {reference(40.0, 1.0):.5f} at s = 40)")
+
+
+def check_yarn_softmax_scale(yarn_softmax_scale: Callable) -> None:
+    """Exercise 07.3: the attention's logit scale d_qk^-1/2 * mscale(s, mscale_all_dim)^2, d_qk = d_h + d_h^R."""
+    from deepseek_mini.rope import yarn_mscale
+
+    ex = "yarn_softmax_scale"
+    general = ("(qk_nope_head_dim + qk_rope_head_dim) ** -0.5 * m ** 2 with m = 0.1 * mscale_all_dim * ln(s) + 1 "
+               "(m = 1 when s <= 1)")
+
+    def scale(nope, rope, s, m_all, d="both", power=-0.5, m_power=2.0, divide=False, **mscale_kw):
+        d_qk = {"both": nope + rope, "rope": rope, "nope": nope}[d]
+        m = _mscale_variant(s, m_all, **mscale_kw) ** m_power
+        return d_qk ** power / m if divide else d_qk ** power * m
+
+    mistakes = [(dict(m_power=1.0), "multiply by mscale squared: q and k each carry sqrt(1/t), so the logits "
+                 "(and the softmax scale) get (0.1 * mscale_all_dim * ln(s) + 1) ** 2"),
+                (dict(divide=True), "multiply by mscale ** 2, do not divide: a longer context needs sharper "
+                 "attention (a larger logit scale, 1/t > 1)"),
+                (dict(d="rope"), "d_qk is the whole query-key head, d_h + d_h^R = qk_nope_head_dim + "
+                 "qk_rope_head_dim (192 in DeepSeek-V3), not the RoPE part alone"),
+                (dict(d="nope"), "d_qk is the whole query-key head, d_h + d_h^R = qk_nope_head_dim + "
+                 "qk_rope_head_dim (192 in DeepSeek-V3), not the non-RoPE part alone"),
+                (dict(power=-1.0), "the base scale is 1 / sqrt(d_qk), d_qk ** -0.5, not 1 / d_qk"),
+                *[(kw, hint) for kw, hint in _MSCALE_MISTAKES]]
+    cases = [(128, 64, 40.0, 1.0, "DeepSeek-V3: d_h 128, d_h^R 64, s 40, mscale_all_dim 1"),
+             (16, 8, 4.0, 0.707, "d_h 16, d_h^R 8, s 4, mscale_all_dim 0.707"),
+             (32, 16, 1.0, 1.0, "d_h 32, d_h^R 16, s 1 (no extension)"),
+             (32, 32, 0.5, 1.0, "d_h 32, d_h^R 32, s 0.5 (shorter than trained)"),
+             (64, 32, 8.0, 0.0, "d_h 64, d_h^R 32, s 8, mscale_all_dim 0 (no temperature)")]
+    for nope, rope, s, m_all, what in cases:
+        case = f"yarn_softmax_scale({nope}, {rope}, {s:g}, {m_all:g}) [{what}]"
+        got = _number_of(ex, _call_safe(ex, yarn_softmax_scale, case, nope, rope, s, m_all), case, general)
+        expected = (nope + rope) ** -0.5 * yarn_mscale(s, m_all) ** 2
+        if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-12):
+            continue
+        hint = next((h for kw, h in mistakes
+                     if not math.isclose(scale(nope, rope, s, m_all, **kw), expected, rel_tol=1e-6, abs_tol=1e-12)
+                     and math.isclose(got, scale(nope, rope, s, m_all, **kw), rel_tol=1e-6, abs_tol=1e-12)),
+                    general)
+        _fail(ex, f"{case} returned {got:.6g}, expected {expected:.6g}", hint)
+    _passed(ex, "d_qk^-1/2 * mscale(s, mscale_all_dim)^2 (DeepSeek-V3: 192^-0.5 * 1.36889^2 = "
+                f"{192 ** -0.5 * yarn_mscale(40.0, 1.0) ** 2:.6f})")
+
+
+def _inv_freq_variant(dim: int, base: float, s: float, gamma: torch.Tensor, swap: bool = False,
+                      times_s: bool = False, no_gamma: bool = False, exponent: str = "2i/d",
+                      wavelength: bool = False) -> torch.Tensor:
+    """h(theta_i) = (1 - gamma_i) theta_i / s + gamma_i theta_i in float64, or one of the usual mistakes."""
+    i = torch.arange(dim // 2, dtype=torch.float64)
+    power = {"2i/d": 2 * i / dim, "i/d": i / dim}[exponent]
+    theta = base ** power if wavelength else base ** -power
+    g = torch.zeros_like(theta) if no_gamma else gamma.double()
+    slow = theta * s if times_s else theta / s
+    if swap:
+        return g * slow + (1 - g) * theta
+    return (1 - g) * slow + g * theta
+
+
+def check_interpolated_inv_freq(interpolated_inv_freq: Callable) -> None:
+    """Exercise 07.4: NTK-by-parts h(theta_i) = (1 - gamma_i) theta_i / s + gamma_i theta_i (YaRN eq. 17-20)."""
+    from deepseek_mini.rope import (ntk_by_parts_inv_freq, pi_inv_freq, rope_frequencies, yarn_correction_range,
+                                    yarn_ramp)
+
+    ex = "interpolated_inv_freq"
+    general = ("theta_i = base ** (-2i / dim) for i = 0 .. dim/2 - 1, then (1 - gamma) * theta / s + gamma * theta: "
+               "gamma = 1 keeps theta, gamma = 0 divides it by s")
+    g = torch.Generator().manual_seed(7)
+    v3_gamma = yarn_ramp(*yarn_correction_range(32, 1, 64, 10000.0, 4096), 32)
+    cases = [(64, 10000.0, 40.0, v3_gamma, ntk_by_parts_inv_freq(64, 10000.0, 40.0, 32, 1, 4096),
+              "DeepSeek-V3: dim 64, base 10000, s 40, gamma = the ramp over pairs 10..23"),
+             (16, 10000.0, 8.0, torch.zeros(8), pi_inv_freq(16, 10000.0, 8.0),
+              "dim 16, base 10000, s 8, gamma = 0 (Position Interpolation: every pair theta / s)"),
+             (16, 10000.0, 8.0, torch.ones(8), rope_frequencies(16, 10000.0).float(),
+              "dim 16, base 10000, s 8, gamma = 1 (every pair keeps theta)"),
+             (32, 500000.0, 4.0, torch.rand(16, generator=g), None,
+              "dim 32, base 500000, s 4, random gamma in [0, 1)")]
+    mistakes = [(dict(swap=True), "you divided the wrong part by s: gamma = 1 keeps theta (extrapolate), "
+                 "gamma = 0 interpolates: (1 - gamma) * theta / s + gamma * theta"),
+                (dict(times_s=True), "interpolation slows a pair down: divide theta by s, do not multiply"),
+                (dict(no_gamma=True), "gamma is ignored (every pair theta / s is plain Position Interpolation): "
+                 "blend (1 - gamma) * theta / s + gamma * theta"),
+                (dict(exponent="i/d"), "theta_i = base ** (-2i / dim) with i the pair index (the exponent steps "
+                 "by 2/dim), not base ** (-i / dim)"),
+                (dict(wavelength=True), "theta_i = base ** (-2i / dim) is a frequency (radians per position, "
+                 "<= 1), not base ** (+2i / dim)")]
+    for dim, base, s, gamma, reference, what in cases:
+        case = f"interpolated_inv_freq({dim}, {base:g}, {s:g}, gamma) [{what}]"
+        original = gamma.clone()
+        got = _call_safe(ex, interpolated_inv_freq, case, dim, base, s, gamma)
+        if not torch.equal(gamma, original):
+            _fail(ex, f"{case} changed its input gamma", "compute a new tensor; do not write into gamma")
+        expected = _inv_freq_variant(dim, base, s, gamma).float() if reference is None else reference
+        got = _tensor_of(ex, got, f"inv_freq for {case}", expected.shape, torch.float32,
+                         "one float32 frequency per pair: shape (dim // 2,)")
+        if torch.allclose(got, expected, rtol=1e-5, atol=0):
+            continue
+        for kw, hint in mistakes:
+            wrong = _inv_freq_variant(dim, base, s, gamma, **kw).float()
+            if not torch.allclose(wrong, expected, rtol=1e-5, atol=0) and torch.allclose(got, wrong, rtol=1e-5, atol=0):
+                _fail(ex, f"{case}: inv_freq is that of another rule", hint)
+        assert_tensor_close(ex, got, expected, f"inv_freq for {case}", rtol=1e-5, atol=0, hint=general)
+    _passed(ex, "h(theta_i) = (1 - gamma_i) theta_i / s + gamma_i theta_i: PI at gamma = 0, RoPE at gamma = 1, "
+                "DeepSeek-V3's frequencies at its ramp")

@@ -14,10 +14,11 @@ Switches:
 * ``n_routed_experts is None`` -> dense SwiGLU FFN in every layer; set -> DeepSeekMoE
   from layer ``first_k_dense_replace`` on (chapter 03, §2.1.2).
 * ``num_nextn_predict_layers`` -> Multi-Token Prediction depth D (chapter 04, §2.2).
-* ``rope_scaling`` -> YaRN context extension (chapter 07, §4.3).
+* ``rope_scaling`` -> context extension (chapter 07): YaRN (``"yarn"``, DeepSeek-V3 §4.3), Position
+  Interpolation (``"linear"``) or static NTK-aware scaling (``"ntk"``).
 
-No field is silently ignored: until its chapter lands, ``build_model`` raises
-``NotImplementedError`` for ``rope_scaling`` and ``rope_interleave=False``; the fields that build nothing are listed, with reasons, in
+No field is silently ignored: ``build_model`` raises ``NotImplementedError`` for what it
+does not build (``attention_bias`` with MLA); the fields that build nothing are listed, with reasons, in
 ``METADATA_FIELDS``. A config *file* must give every size (``hidden_size`` ...) with the
 right JSON type; a missing one is an error, never the toy's default.
 
@@ -261,11 +262,14 @@ class ModelConfig:
             raise ValueError(f"rope_scaling ({rs!r}) must be None or a dict like "
                              "{'type': 'yarn', 'factor': 40, 'original_max_position_embeddings': 4096}")
         kind = rs.get("type", rs.get("rope_type"))
-        if kind != "yarn":
-            raise ValueError(f"rope_scaling type ({kind!r}) must be 'yarn' (DeepSeek-V3 §4.3)")
+        if kind not in ("yarn", "linear", "ntk"):
+            raise ValueError(f"rope_scaling type ({kind!r}) must be 'yarn' (DeepSeek-V3 §4.3), 'linear' "
+                             "(Position Interpolation) or 'ntk' (static NTK-aware scaling)")
         factor = rs.get("factor")
         if not _is_number(factor) or not factor >= 1:
             raise ValueError(f"rope_scaling['factor'] ({factor!r}) must be a number >= 1 (DeepSeek-V3: 40)")
+        if kind != "yarn":
+            return
         orig = rs.get("original_max_position_embeddings")
         if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
             raise ValueError(f"rope_scaling['original_max_position_embeddings'] ({orig!r}) "

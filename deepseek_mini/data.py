@@ -18,6 +18,10 @@ from a seed, and the corpus mixes four domains of clearly different structure:
   (``def add_3(x):`` ... ``x + 3``): indentation and long-range copying;
 * ``sort`` -- ``sort: 5 3 9 1 -> 1 3 5 9``: the answer is a permutation of the input.
 
+The arithmetic and sort lines double as *verifiable problems* for reinforcement learning
+(chapter 08, GRPO): :func:`verifiable_problems` cuts a line at its answer, and
+:func:`reward` scores a sampled completion by rules (no learned reward model).
+
 Because every token carries its domain, later chapters measure per-domain
 behaviour: which MoE experts specialise in which domain (chapter 03), where
 multi-token prediction helps most (chapter 04). The loss to beat is the unigram
@@ -26,6 +30,15 @@ A trained model falls well below it, because answers here are predictable from c
 
 Documents are stored as ``BOS + bytes + EOS`` concatenated into one long stream;
 training windows are cut from it at random positions (no padding needed).
+
+Passkey retrieval (chapter 07, context extension). :func:`passkey_document` hides a
+random number ("The pass key=40913.") at a chosen fractional depth of grammar-sentence
+filler and asks for it at the very end ("What is the pass key? The pass key=40913"),
+so a document of exactly ``n_tokens`` byte tokens ends with the answer digits. The
+YaRN paper measures context extension this way (arXiv 2309.00071 §4.3.2), the
+"needle in a haystack" DeepSeek-V3 reports up to 128K (arXiv 2412.19437 §4.3, Fig. 8).
+:func:`passkey_batch` tokenises a batch of them and :func:`passkey_correct` scores it
+from the model's logits.
 """
 
 from __future__ import annotations
@@ -43,7 +56,12 @@ __all__ = [
     "PAD_ID", "BOS_ID", "EOS_ID", "SEP_ID", "VOCAB_SIZE", "SPECIAL_TOKENS", "DOMAINS",
     "ByteTokenizer", "Document", "generate_document", "synthetic_corpus", "load_text_file",
     "TokenStream", "tokenize_documents", "train_val_split", "Batcher", "eval_batches",
-    "unigram_entropy", "make_datasets",
+    "unigram_entropy", "make_datasets", "PasskeyDocument", "passkey_document", "passkey_batch",
+    "passkey_correct",
+    # verifiable problems and rule-based rewards (chapter 08, GRPO)
+    "TASK_DOMAINS", "ACCURACY_WEIGHT", "FORMAT_WEIGHT", "END_OF_ANSWER", "Problem", "arithmetic_problem",
+    "sort_problem", "addition_problem", "verifiable_problems", "parse_answer", "accuracy_reward", "format_reward",
+    "reward", "batch_rewards",
 ]
 
 N_BYTES = 256  # byte values 0..255 are their own token ids
@@ -432,3 +450,231 @@ def make_datasets(source: str | Path = "synthetic", n_docs: int = 4000, seed: in
     names = _default_domain_names(docs)
     train, val = train_val_split(docs, val_fraction, seed)
     return tokenize_documents(train, domain_names=names), tokenize_documents(val, domain_names=names)
+
+
+# ----------------------------------------------------------------- passkey retrieval
+# "key=" before the digits: a marker the grammar filler never holds (it has "this dog", so
+# "is " before the digits would be ambiguous to a model that matches a token or two back).
+PASSKEY_SENTENCE = " The pass key={key}. "              # hidden at `depth` in the filler
+PASSKEY_QUESTION = " What is the pass key? The pass key="  # then the answer digits, last
+
+
+@dataclass(frozen=True)
+class PasskeyDocument:
+    """A passkey retrieval document: ``text`` ends with ``answer``, hidden earlier at ``key_start``."""
+
+    text: str        # filler + key sentence + filler + question + answer: len(text) byte tokens
+    answer: str      # the key's digits, the last len(answer) characters of text
+    key_start: int   # offset of the key sentence in text (characters = byte tokens)
+
+    @property
+    def prompt(self) -> str:
+        """The text without the answer: what a model reads before it must produce the key."""
+        return self.text[: len(self.text) - len(self.answer)]
+
+
+def _passkey_overhead(digits: int) -> int:
+    """Tokens a passkey document needs besides filler: key sentence, question and answer."""
+    return len(PASSKEY_SENTENCE.format(key="0" * digits)) + len(PASSKEY_QUESTION) + digits
+
+
+def _filler(rng: random.Random, n_chars: int) -> str:
+    """Exactly ``n_chars`` characters of grammar sentences (no digits, so nothing looks like a key)."""
+    pieces, length = [], -1   # the joined length: the pieces plus one space between each two
+    while length < n_chars:
+        pieces.append(_grammar_line(rng))
+        length += len(pieces[-1]) + 1
+    return " ".join(pieces)[:n_chars]
+
+
+def _check_passkey_args(n_tokens: object, digits: object) -> None:
+    _check_positive_int("digits", digits)
+    _check_positive_int("n_tokens", n_tokens)
+    need = _passkey_overhead(digits)  # type: ignore[arg-type]
+    if n_tokens < need:  # type: ignore[operator]
+        raise ValueError(f"n_tokens ({n_tokens}) is too small: a passkey document with {digits} digits "
+                         f"needs at least {need} tokens (key sentence + question + answer)")
+
+
+def _check_depth(depth: object) -> float:
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise ValueError(f"depth ({depth!r}) must be a number in [0, 1] (0: key first, 1: key just "
+                         "before the question)")
+    return float(depth)
+
+
+def passkey_document(rng: random.Random, n_tokens: int, depth: float, digits: int = 5) -> PasskeyDocument:
+    """A document of exactly ``n_tokens`` byte tokens: filler, the key at ``depth``, the question, the key.
+
+    ``depth`` is the key sentence's fractional position in the filler: 0 puts it first, 1
+    right before the question, 0.5 in the middle (offset ``round(depth * n_filler)``). The key
+    is ``digits`` random decimal digits (leading zeros allowed). The same ``rng`` state gives
+    the same document.
+    """
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    _check_passkey_args(n_tokens, digits)
+    depth = _check_depth(depth)
+    answer = f"{rng.randrange(10**digits):0{digits}d}"
+    n_filler = n_tokens - _passkey_overhead(digits)
+    filler = _filler(rng, n_filler)
+    key_start = round(depth * n_filler)
+    text = (filler[:key_start] + PASSKEY_SENTENCE.format(key=answer) + filler[key_start:]
+            + PASSKEY_QUESTION + answer)
+    return PasskeyDocument(text, answer, key_start)
+
+
+def passkey_batch(rng: random.Random, batch_size: int, n_tokens: int, depth: float | None = None,
+                  digits: int = 5) -> tuple[Tensor, Tensor]:
+    """``batch_size`` passkey documents as tokens (B, n_tokens) and the answer positions (digits,).
+
+    ``depth=None`` draws each document's depth uniformly from [0, 1] (for training); a number
+    puts every key there (for a needle-in-a-haystack grid cell). The answer occupies the same
+    last ``digits`` positions in every row, so one positions tensor serves the whole batch. No
+    BOS/EOS: every token is a byte of the document.
+    """
+    _check_positive_int("batch_size", batch_size)
+    if depth is not None:
+        _check_depth(depth)
+    _check_passkey_args(n_tokens, digits)
+    docs = [passkey_document(rng, n_tokens, rng.random() if depth is None else depth, digits)
+            for _ in range(batch_size)]
+    tokens = torch.tensor([list(d.text.encode("ascii")) for d in docs], dtype=torch.long)  # (B, n_tokens)
+    return tokens, torch.arange(n_tokens - digits, n_tokens)
+
+
+def passkey_correct(logits: Tensor, tokens: Tensor, answer_positions: Tensor) -> Tensor:
+    """True (B,) where the argmax at every answer position is the right digit (teacher forced).
+
+    ``logits`` (B, T, V) come from running the model on ``tokens`` (B, T); position p - 1
+    predicts token p. Requiring every digit right under teacher forcing is the same as
+    greedy decoding of the answer: greedy decoding reproduces the teacher's prefix exactly as
+    long as each argmax is right, and stops being right at the first argmax that is not.
+    """
+    if logits.dim() != 3 or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V) for tokens (B, T) "
+                         f"{tuple(tokens.shape)}")
+    positions = torch.as_tensor(answer_positions, dtype=torch.long)
+    if positions.dim() != 1 or positions.numel() == 0 or int(positions.min()) < 1 \
+            or int(positions.max()) >= tokens.shape[1]:
+        raise ValueError(f"answer_positions must be a non-empty 1-D list of positions in [1, "
+                         f"{tokens.shape[1]}), got {positions.tolist()}")
+    predicted = logits[:, positions - 1].argmax(dim=-1)  # (B, digits)
+    return (predicted == tokens[:, positions]).all(dim=-1)
+
+
+# ----------------------------------------------------------------- verifiable problems and rule-based rewards
+# DeepSeek-V3's RL stage scores questions with deterministic answers (maths, code) by rules, not by a learned
+# reward model, which could be gamed (arXiv 2412.19437 §5.2.1, "Rule-Based RM"); DeepSeek-R1 (arXiv 2501.12948
+# §2.2.2) combines an *accuracy* reward with a *format* reward. Here the problems are the corpus's own arithmetic
+# and sort lines cut at their answer, so a toy pretrained on the corpus already solves some of them and GRPO
+# gets groups with mixed rewards (a group whose rewards are all equal carries no signal).
+#
+# The answer marker is the end of the line. In the corpus every answer is the last thing on its line, followed
+# by "\n" (or EOS at the end of a document), so a pretrained toy already closes its answers that way. A tag such
+# as <a>...</a> never occurs in the corpus: the toy would almost never emit it, and RL alone could not teach it.
+
+TASK_DOMAINS = ("arithmetic", "sort", "addition")   # "addition": an easy level for a CPU-sized toy
+ACCURACY_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2   # ours: DeepSeek-R1 does not publish its weights
+END_OF_ANSWER = ("\n", "<|eos|>")          # a newline, or EOS as ``decode(..., skip_special=False)`` writes it
+_ANSWER_SEPARATOR = {"arithmetic": "=", "sort": "-> ", "addition": "="}   # the prompt ends with it, the answer follows
+_WELL_FORMED = re.compile(r"\d+( \d+)*")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable problem: the prompt the model continues and the one answer that scores."""
+
+    domain: str      # "arithmetic" or "sort"
+    prompt: str      # e.g. "37+48=" or "sort: 5 3 9 1 -> "
+    answer: str      # e.g. "85"     or "1 3 5 9"
+
+
+def _cut(domain: str, line: str) -> Problem:
+    prompt, answer = line.split(_ANSWER_SEPARATOR[domain])
+    return Problem(domain, prompt + _ANSWER_SEPARATOR[domain], answer)
+
+
+def arithmetic_problem(rng: random.Random) -> Problem:
+    """A corpus arithmetic line cut at ``=``: ``"597-4="`` -> ``"593"`` (``+``, ``-``, ``*``)."""
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    return _cut("arithmetic", _arithmetic_line(rng))
+
+
+def sort_problem(rng: random.Random) -> Problem:
+    """A corpus sort-domain line cut at ``-> ``: ``"sort: 5 3 9 -> "`` -> ``"3 5 9"`` (also ``max:``, ``reverse:``)."""
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    return _cut("sort", _sort_line(rng))
+
+
+def addition_problem(rng: random.Random) -> Problem:
+    """One-digit addition, ``"7+5="`` -> ``"12"``: the easy level, 100 distinct problems.
+
+    The corpus's arithmetic (up to 3-digit operands, ``*``) is beyond a toy trained for a few CPU
+    minutes: its greedy accuracy stays near 0, every sampled group scores the same, and GRPO gets no
+    signal. One-digit sums are learnable in minutes yet not solved at once, so groups have mixed rewards.
+    """
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return Problem("addition", f"{a}+{b}=", str(a + b))
+
+
+def verifiable_problems(n: int, seed: int = 0, domains: Sequence[str] = ("arithmetic", "sort")) -> list[Problem]:
+    """``n`` problems, domains cycled in order; the same seed gives the same problems.
+
+    A seed other than the pretraining corpus's draws other lines, but from the same distribution;
+    a few may repeat a training line by chance (1-digit sums are few).
+    """
+    _check_positive_int("n", n)
+    if isinstance(domains, str) or len(domains) == 0 or any(d not in TASK_DOMAINS for d in domains):
+        raise ValueError(f"domains ({domains!r}) must be a non-empty sequence of names from {TASK_DOMAINS}")
+    rng = random.Random(seed)
+    make = {"arithmetic": arithmetic_problem, "sort": sort_problem, "addition": addition_problem}
+    return [make[domains[i % len(domains)]](rng) for i in range(n)]
+
+
+def parse_answer(completion: str) -> str | None:
+    """The text before the first end-of-answer marker, or None when the completion never closes its answer."""
+    if not isinstance(completion, str):
+        raise ValueError(f"completion must be a str, got {type(completion).__name__}")
+    ends = [i for i in (completion.find(marker) for marker in END_OF_ANSWER) if i >= 0]
+    return completion[:min(ends)] if ends else None
+
+
+def accuracy_reward(problem: Problem, completion: str) -> float:
+    """1.0 when the closed answer is exactly the expected one, else 0.0 (an unclosed answer scores 0)."""
+    return float(parse_answer(completion) == problem.answer)
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when the answer is closed and is non-negative integers separated by single spaces, else 0.0."""
+    answer = parse_answer(completion)
+    return float(answer is not None and _WELL_FORMED.fullmatch(answer) is not None)
+
+
+def reward(problem: Problem, completion: str) -> dict[str, float]:
+    """``ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * format`` and its parts: ``{"reward", "accuracy", "format"}``.
+
+    Format is a small shaping term: a well-formed wrong answer beats garbage, but no amount of
+    formatting outweighs being right, and rambling past the answer (never closing it) scores 0.
+    """
+    accuracy, fmt = accuracy_reward(problem, completion), format_reward(completion)
+    return {"reward": ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * fmt, "accuracy": accuracy, "format": fmt}
+
+
+def batch_rewards(problems: Sequence[Problem], completions: Sequence[str], group_size: int) -> dict[str, Tensor]:
+    """Rewards of ``len(problems) * group_size`` completions, each problem's G completions contiguous.
+
+    Returns float32 tensors ``reward``, ``accuracy``, ``format``, each ``(len(problems) * group_size,)``:
+    the layout ``group_advantages`` expects.
+    """
+    _check_positive_int("group_size", group_size)
+    if len(completions) != len(problems) * group_size:
+        raise ValueError(f"got {len(completions)} completions for {len(problems)} problems x group_size "
+                         f"{group_size}; expected {len(problems) * group_size}")
+    scores = [reward(problems[i // group_size], c) for i, c in enumerate(completions)]
+    return {key: torch.tensor([s[key] for s in scores], dtype=torch.float32)
+            for key in ("reward", "accuracy", "format")}

@@ -126,7 +126,7 @@ class MLA(nn.Module):
     def __init__(self, dim: int, n_heads: int, *, kv_lora_rank: int, q_lora_rank: int | None = None,
                  qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
                  eps: float = 1e-6, attn_impl: Literal["naive", "absorb"] = "absorb",
-                 softmax_scale: float | None = None) -> None:
+                 softmax_scale: float | None = None, rope_interleave: bool = True) -> None:
         super().__init__()
         _check_mla_dims(dim, kv_lora_rank, q_lora_rank, qk_rope_head_dim, attn_impl)
         self.n_heads, self.kv_lora_rank, self.attn_impl = n_heads, kv_lora_rank, attn_impl
@@ -143,6 +143,7 @@ class MLA(nn.Module):
         self.wo = nn.Linear(n_heads * self.dv, dim, bias=False)
         # eq. 10: 1 / sqrt(d_h + d_h^R); YaRN (chapter 07) passes a larger scale.
         self.softmax_scale = (self.dn + self.dr) ** -0.5 if softmax_scale is None else softmax_scale
+        self.rope_interleave = rope_interleave     # RoPE's pair layout (chapter 07)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         """Only c_kv and k_rope when absorbed; per-head keys (d_h + d_h^R) and values when naive."""
@@ -165,12 +166,12 @@ class MLA(nn.Module):
         """q_nope (B, T, H, d_h) and rotated q_rope (B, T, H, d_h^R), eqs. 6-9."""
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_rope = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads).split([self.dn, self.dr], dim=-1)
-        return q_nope, apply_rope(q_rope, *rope)
+        return q_nope, apply_rope(q_rope, *rope, interleaved=self.rope_interleave)
 
     def latent(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches: normalised c_kv (B, T, d_c) and rotated k_rope (B, T, d_h^R), eqs. 1, 3."""
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.dr], dim=-1)
-        return self.kv_norm(c_kv), apply_rope(k_rope[:, :, None], *rope)[:, :, 0]
+        return self.kv_norm(c_kv), apply_rope(k_rope[:, :, None], *rope, interleaved=self.rope_interleave)[:, :, 0]
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W^{UK} and W^{UV} per head, (H, d_h, d_c) each, as views of wkv_b.

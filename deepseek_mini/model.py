@@ -30,9 +30,12 @@ The model is also the platform later chapters build on:
 * **Token ids are checked once**, by ``check_tokens`` where they enter, never in ``forward``,
   which would otherwise synchronise a GPU on every decoded token.
 
-A config field the model does not build yet is refused, never ignored: ``rope_scaling``
-(YaRN, chapter 07), ``rope_interleave=False`` and ``attention_bias`` with MLA raise
-``NotImplementedError`` naming the field and the value that builds.
+* **Context extension** (chapter 07): ``rope_scaling`` (YaRN, PI or NTK-aware) sets the RoPE
+  tables' frequencies and attention factor (``rope.rope_parameters``) and the attention's
+  softmax scale (``rope.softmax_scale``); ``rope_interleave`` picks RoPE's pair layout.
+
+A config field the model does not build is refused, never ignored: ``attention_bias`` with
+MLA raises ``NotImplementedError`` naming the field and the value that builds.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from deepseek_mini.mla import MLA
 from deepseek_mini.moe import MoE, Routing
 from deepseek_mini.mtp import MTPModule
 from deepseek_mini.precision import FP32Buffers
-from deepseek_mini.rope import rope_cos_sin, rope_frequencies
+from deepseek_mini.rope import rope_cos_sin, rope_dim, rope_parameters, softmax_scale
 
 __all__ = ["Transformer", "build_model", "check_tokens", "count_parameters", "cut", "ParameterCount"]
 
@@ -62,9 +65,11 @@ def _make_attention(config: ModelConfig) -> nn.Module:
         return MLA(config.hidden_size, config.num_attention_heads, kv_lora_rank=config.kv_lora_rank,
                    q_lora_rank=config.q_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
                    qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-                   eps=config.rms_norm_eps, attn_impl=config.attn_impl)
-    return Attention(config.hidden_size, config.num_attention_heads,
-                     config.num_key_value_heads, bias=config.attention_bias)
+                   eps=config.rms_norm_eps, attn_impl=config.attn_impl,
+                   softmax_scale=softmax_scale(config), rope_interleave=config.rope_interleave)
+    return Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                     bias=config.attention_bias, softmax_scale=softmax_scale(config),
+                     rope_interleave=config.rope_interleave)
 
 
 def _make_ffn(config: ModelConfig, layer_id: int) -> nn.Module:
@@ -88,13 +93,6 @@ def _make_block(config: ModelConfig, layer_id: int) -> Block:
 def _unbuilt_features(config: ModelConfig) -> list[str]:
     """What ``config`` asks for that this model does not build yet (one clause per field)."""
     unbuilt = []
-    if config.rope_scaling is not None:
-        unbuilt.append("rope_scaling (YaRN) is built in chapter 07: set rope_scaling to None (null) "
-                       "to build this model")
-    if not config.rope_interleave:
-        unbuilt.append("rope_interleave=False (RoPE on split halves, the layout of some converted "
-                       "checkpoints) is not built: deepseek_mini rotates interleaved pairs like "
-                       "DeepSeek-V3's own checkpoint (chapter 01): set rope_interleave to true")
     if config.uses_mla and config.attention_bias:
         unbuilt.append("attention_bias=True with MLA is not built (DeepSeek-V3's attention projections "
                        "have no bias): set attention_bias to false")
@@ -102,14 +100,9 @@ def _unbuilt_features(config: ModelConfig) -> list[str]:
 
 
 def _countable_config(config: ModelConfig) -> ModelConfig:
-    """``config`` without YaRN and the RoPE layout, which hold no parameters and which this model
-    does not build yet: what ``count_parameters`` builds on the meta device."""
+    """``config`` without context extension and the RoPE layout, which hold no parameters: what
+    ``count_parameters`` builds on the meta device (no RoPE tables of 163,840 rows for V3)."""
     return config.replace(rope_scaling=None, rope_interleave=True)
-
-
-def _rope_dim(config: ModelConfig) -> int:
-    """Channels RoPE rotates per head: all of them in MHA, the decoupled d_h^R part in MLA."""
-    return config.qk_rope_head_dim if config.uses_mla else config.head_dim
 
 
 class Transformer(FP32Buffers):
@@ -154,8 +147,11 @@ class Transformer(FP32Buffers):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = rope_frequencies(_rope_dim(self.config), self.config.rope_theta)
-        return rope_cos_sin(inv_freq, self.config.max_position_embeddings)
+        """cos/sin for every position, from the (possibly extended) frequencies; the attention
+        factor scales both tables, as transformers does (1 for plain RoPE and for V3's YaRN)."""
+        inv_freq, attention_factor = rope_parameters(self.config)
+        cos, sin = rope_cos_sin(inv_freq, self.config.max_position_embeddings)
+        return cos * attention_factor, sin * attention_factor
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -340,8 +336,8 @@ def build_model(config: ModelConfig | str, device: str | torch.device = "cpu",
     On ``device="meta"`` no memory is allocated and no weights are initialised: use it to
     inspect shapes and count parameters of configurations too large to materialise.
     ``seed`` makes initialisation reproducible without touching the global RNG.
-    Raises ``NotImplementedError`` (on every device) for a feature a later chapter builds,
-    e.g. the ``deepseek-v3`` preset's YaRN; ``count_parameters`` still counts it.
+    Raises ``NotImplementedError`` (on every device) for a field the model does not build
+    (``attention_bias`` with MLA).
     """
     config = load_config(config) if not isinstance(config, ModelConfig) else config
     device = torch.device(device)

@@ -204,7 +204,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> d
         "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "hidden_act": config.hidden_act, "rms_norm_eps": config.rms_norm_eps,
         "initializer_range": config.initializer_range, "max_position_embeddings": config.max_position_embeddings,
-        "rope_parameters": {**rope, "rope_theta": config.rope_theta}, "rope_interleave": True,
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
+        "rope_interleave": config.rope_interleave,
         "tie_word_embeddings": config.tie_word_embeddings,
         "num_nextn_predict_layers": config.num_nextn_predict_layers,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
@@ -221,6 +222,10 @@ def _check_exportable(config: ModelConfig) -> None:
     if config.uses_moe and config.scoring_func != "sigmoid":
         raise ValueError(f"scoring_func ({config.scoring_func!r}): transformers' DeepseekV3 router uses "
                          "sigmoid affinities only (DeepSeek-V3 eq. 15)")
+    scaling = config.rope_scaling or {}
+    if scaling.get("type", scaling.get("rope_type")) == "ntk":
+        raise ValueError("rope_scaling type 'ntk' (static NTK-aware scaling, chapter 07) has no transformers "
+                         "equivalent (its 'dynamic' type rescales with the length): use 'yarn' or 'linear'")
 
 
 def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, int, bool]:
@@ -236,12 +241,6 @@ def _checkpoint_config(raw: dict[str, Any], source: str, overrides: dict[str, An
         raise ValueError(f"{source}: scoring_func {config.scoring_func!r} with topk_method {config.topk_method!r}; "
                          "the DeepseekV3 layout means sigmoid affinities with group-limited top-k ('noaux_tc')")
     config = config.replace(**{"rope_interleave": True, **overrides})
-    if config.rope_scaling is not None:
-        kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
-        raise NotImplementedError(
-            f"{source}: rope_scaling {kind!r} (YaRN, DeepSeek-V3 §4.3) is chapter 07 and not built yet. "
-            "To load the weights with plain RoPE anyway, pass rope_scaling=None to from_pretrained "
-            "(outputs then differ from the reference: YaRN's frequencies and softmax scale are not applied)")
     return config, mtp_depth, not interleaved
 
 
@@ -308,8 +307,8 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
     silently: their tensors are not read.
 
     ``dtype`` defaults to the one config.json records (bfloat16 for DeepSeek-V3; float32 when
-    absent). ``overrides`` replace config fields before building, e.g. ``attn_impl="naive"``, or
-    ``rope_scaling=None`` to load a YaRN checkpoint before chapter 07 (with plain RoPE).
+    absent). ``overrides`` replace config fields before building, e.g. ``attn_impl="naive"``.
+    A checkpoint with ``rope_scaling`` (YaRN, chapter 07) is built with it.
     Raises ``ValueError`` naming the tensor and the file for a missing, unexpected or
     mis-shaped weight, and for an MTP copy of the embedding or head that differs from it.
     """

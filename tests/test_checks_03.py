@@ -57,17 +57,6 @@ def test_checks_pass_correct_answers_and_say_so(capsys):
     assert out.count("✓") == 8 and out.count("\n") == 8
 
 
-@pytest.mark.parametrize("check", [checks.check_group_limited_topk, checks.check_routing_weights,
-                                   checks.check_update_bias, checks.check_sequence_balance_loss,
-                                   checks.check_max_violation])
-def test_an_unfinished_stub_is_reported_as_not_implemented(check):
-    def stub(*args):
-        raise NotImplementedError("Exercise x: replace this line with your solution")
-
-    with pytest.raises(CheckFailure, match="not implemented yet"):
-        check(stub)
-
-
 def _failure(check, fn) -> str:
     with pytest.raises(CheckFailure) as info:
         check(fn)

@@ -73,15 +73,6 @@ def test_checks_pass_correct_answers_and_say_so(capsys):
     assert out.count("✓") == 5 and out.count("\n") == 5
 
 
-@pytest.mark.parametrize("check", CHECKS)
-def test_an_unfinished_stub_is_reported_as_not_implemented(check):
-    def stub(*args):
-        raise NotImplementedError("Exercise x: replace this line with your solution")
-
-    with pytest.raises(CheckFailure, match="not implemented yet"):
-        check(stub)
-
-
 def _ranks(args) -> int:
     """pp for one_f_one_b(pp, n_micro), so a malformed answer has the right number of rank lists; 1 otherwise."""
     return args[0] if isinstance(args[0], int) else 1

@@ -641,13 +641,13 @@ def test_transformers_ignores_our_mtp_layer(tmp_path):
     torch.testing.assert_close(_hf_logits(reloaded.eval()), _logits(model), rtol=0, atol=1e-4)
 
 
-def test_yarn_checkpoint_raises_until_chapter_07_unless_overridden(tmp_path):
+def test_yarn_checkpoint_builds_with_yarn_unless_overridden(tmp_path):
     save_pretrained(_our_model(), tmp_path)
     yarn = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
     _edit_config(tmp_path, rope_parameters=yarn)
-    with pytest.raises(NotImplementedError, match=r"chapter 07.*rope_scaling=None"):
-        from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert model.config.rope_scaling["factor"] == 40 and model.config.rope_scaling["rope_type"] == "yarn"
     assert from_pretrained(tmp_path, rope_scaling=None).config.rope_scaling is None
     # An override may also name a field the loader sets itself.
     assert from_pretrained(tmp_path, rope_scaling=None, num_nextn_predict_layers=0).config.rope_scaling is None
@@ -678,10 +678,8 @@ def test_deepseek_v3_config_json_reads_as_the_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(V3_CONFIG))
     config, preset = load_config(tmp_path / "config.json"), load_config("deepseek-v3")
     assert config.replace(initializer_range=preset.initializer_range) == preset   # the file says 0.02
-    with pytest.raises(NotImplementedError, match=r"rope_scaling 'yarn' \(YaRN.*chapter 07.*rope_scaling=None"):
-        from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="neither model.safetensors"):         # past the config, to the weights
-        from_pretrained(tmp_path, rope_scaling=None)
+        from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------- errors
