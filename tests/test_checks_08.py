@@ -159,6 +159,11 @@ def test_the_hand_cases_hold_the_numbers_the_exercises_quote():
     mask = torch.arange(5)[None, :] < torch.tensor([5, 1, 3])[:, None]
     loss, _ = grpo_loss(logp, logp, ref, torch.zeros(3), mask, beta=1.0)
     assert loss.item() == pytest.approx(_mean_kl_indexing(logp, ref, mask).item(), rel=1e-6)
+    # The check's reference for exercise 2 is the package's surrogate: grpo_loss with beta = 0 is its negated GRPO mean.
+    old, adv = logp + 0.3 * torch.randn(3, 5), torch.randn(3)
+    surrogate = checks._surrogate_variant(logp, old, adv, 0.2).float()
+    loss, _ = grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, beta=0.0)
+    assert -loss.item() == pytest.approx(((surrogate * mask).sum(-1) / mask.sum(-1)).mean().item(), rel=1e-5)
 
 
 def test_the_unguarded_formula_leaves_rounding_noise_in_a_constant_group():
