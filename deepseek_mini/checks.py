@@ -1742,7 +1742,8 @@ def check_group_advantages(group_advantages: Callable) -> None:
               "rewards [1, 0, 0, 0 | 0, 0, 0, 0] in groups of 4 (one right of four; then all four wrong)"),
              (torch.tensor([1.0, 0.0, 0.0, 1.0]), 2, "rewards [1, 0, 0, 1] in groups of 2"),
              (torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, "rewards [1, 0, 0, 1] in one group of 4"),
-             (torch.tensor([0.9, 0.9, 0.9, 0.2, 0.5, 0.8]), 3, "rewards [0.9, 0.9, 0.9 | 0.2, 0.5, 0.8] in groups of 3"),
+             (torch.tensor([0.9, 0.9, 0.9, 0.2, 0.5, 0.8]), 3,
+              "rewards [0.9, 0.9, 0.9 | 0.2, 0.5, 0.8] in groups of 3"),
              (torch.tensor([0.0, 0.001, 0.3, 0.7]), 2, "rewards [0, 0.001 | 0.3, 0.7] in groups of 2 (a tiny std)"),
              (torch.rand(24, generator=g), 6, "24 random rewards in groups of 6"),
              (torch.randint(0, 2, (32,), generator=g).float(), 4, "32 random 0/1 rewards in groups of 4")]
