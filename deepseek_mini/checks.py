@@ -1794,7 +1794,7 @@ def check_group_advantages(group_advantages: Callable) -> None:
                 "(one right of four: +1.5, three times -0.5)")
 
 
-def _logp_grad(ex: str, out: torch.Tensor, logp: torch.Tensor, case: str) -> torch.Tensor | None:
+def _logp_grad(ex: str, out: torch.Tensor, logp: torch.Tensor, case: str) -> torch.Tensor:
     """d out.sum() / d logp, or a CheckFailure when ``out`` lost the gradient that the loss needs."""
     if not out.requires_grad:
         _fail(ex, f"{case}: the result carries no gradient with respect to logp",
