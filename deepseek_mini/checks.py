@@ -31,7 +31,8 @@ __all__ = ["CheckFailure", "assert_tensor_close", "check_rms_norm", "check_rope_
            "check_speculative_rule", "check_quantize_tiles", "check_quantize_blocks", "check_blockwise_gemm", "check_promoted_gemm",
            "check_bubble", "check_one_f_one_b", "check_all_to_all_counts",
            "check_dualpipev_stage_ranks", "check_ntk_by_parts_ramp", "check_yarn_mscale",
-           "check_yarn_softmax_scale", "check_interpolated_inv_freq"]
+           "check_yarn_softmax_scale", "check_interpolated_inv_freq", "check_group_advantages",
+           "check_clipped_surrogate", "check_k3_kl", "check_masked_mean_kl"]
 
 
 class CheckFailure(AssertionError):
@@ -549,7 +550,7 @@ def check_max_violation(max_violation: Callable) -> None:
 # ----------------------------------------------------------------------- chapter 04
 
 
-def _call_safe(exercise: str, fn: Callable, case: str, *args):
+def _call_safe(exercise: str, fn: Callable, case: str, *args, hint: str | None = None):
     """Run the learner's function on ``case``; any exception it raises becomes a CheckFailure naming the case."""
     try:
         return _call(exercise, fn, *args)
@@ -557,7 +558,7 @@ def _call_safe(exercise: str, fn: Callable, case: str, *args):
         raise
     except Exception as exc:        # a broken solution is a failed check, never a crash of the check
         _fail(exercise, f"raised {type(exc).__name__} on {case}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-              "run your function on this input in a cell of your own to see where it fails")
+              hint or "run your function on this input in a cell of your own to see where it fails")
 
 
 def _tensor_of(exercise: str, got, name: str, shape: tuple, dtype: torch.dtype,
@@ -1700,3 +1701,353 @@ def check_interpolated_inv_freq(interpolated_inv_freq: Callable) -> None:
         assert_tensor_close(ex, got, expected, f"inv_freq for {case}", rtol=1e-5, atol=0, hint=general)
     _passed(ex, "h(theta_i) = (1 - gamma_i) theta_i / s + gamma_i theta_i: PI at gamma = 0, RoPE at gamma = 1, "
                 "DeepSeek-V3's frequencies at its ramp")
+
+
+# ----------------------------------------------------------------------- chapter 08
+
+
+def _advantages_variant(rewards: torch.Tensor, group_size: int, groups: str = "contiguous", std_over: str = "group",
+                        correction: int = 1, eps: float = 1e-4, eps_in_var: bool = False, scale: bool = True,
+                        zero_guard: bool = True) -> torch.Tensor:
+    """(r - group mean) / (group std + 1e-4), 0 for constant groups (float64 maths), or one of the usual mistakes."""
+    r = rewards.double()
+    if groups == "batch":
+        grouped = r.view(1, -1)
+    elif groups == "strided":                 # groups taken as rewards i, i + n, i + 2n, ...: the wrong layout
+        grouped = r.view(group_size, -1).T
+    else:
+        grouped = r.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        spread = r.view(1, -1) if std_over == "batch" else grouped
+        if eps_in_var:
+            std = (spread.var(dim=1, correction=correction, keepdim=True) + eps).sqrt()
+        else:
+            std = spread.std(dim=1, correction=correction, keepdim=True) + eps
+        centred = centred / std
+    if zero_guard:
+        centred = centred.masked_fill(grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True), 0.0)
+    return (centred.T if groups == "strided" else centred).reshape(-1).float()
+
+
+def check_group_advantages(group_advantages: Callable) -> None:
+    """Exercise 08.1: A_i = (r_i - mean of its group) / (Bessel std of its group + 1e-4); 0 for a constant group."""
+    from deepseek_mini.grpo.loss import group_advantages as reference
+
+    ex = "group_advantages"
+    general = ("view the rewards as (n_prompts, group_size) (each prompt's G completions are contiguous); per row: "
+               "(r - mean) / (std + 1e-4) with std(correction=1) (Bessel); a row whose rewards are all equal gets 0")
+    g = torch.Generator().manual_seed(8)
+    cases = [(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), 4,
+              "rewards [1, 0, 0, 0 | 0, 0, 0, 0] in groups of 4 (one right of four; then all four wrong)"),
+             (torch.tensor([1.0, 0.0, 0.0, 1.0]), 2, "rewards [1, 0, 0, 1] in groups of 2"),
+             (torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, "rewards [1, 0, 0, 1] in one group of 4"),
+             (torch.tensor([0.9, 0.9, 0.9, 0.2, 0.5, 0.8]), 3,
+              "rewards [0.9, 0.9, 0.9 | 0.2, 0.5, 0.8] in groups of 3"),
+             (torch.tensor([0.0, 0.001, 0.3, 0.7]), 2, "rewards [0, 0.001 | 0.3, 0.7] in groups of 2 (a tiny std)"),
+             (torch.rand(24, generator=g), 6, "24 random rewards in groups of 6"),
+             (torch.randint(0, 2, (32,), generator=g).float(), 4, "32 random 0/1 rewards in groups of 4")]
+    mistakes = [(dict(correction=0), "the std uses Bessel's correction, 1/(G - 1): std(dim=1, correction=1) (torch's "
+                 "default; unbiased=False / correction=0 is the population std)"),
+                (dict(groups="batch"), "normalise within each group (each prompt's G completions), not over the "
+                 "whole batch: view the rewards as (-1, group_size) and reduce over dim=1"),
+                (dict(std_over="batch"), "the std is the group's too, not the whole batch's: reduce over dim=1 of the "
+                 "(n_prompts, group_size) view"),
+                (dict(groups="strided"), "each prompt's G completions are contiguous: group k is rewards[k*G:(k+1)*G], "
+                 "so view(-1, group_size), not view(group_size, -1)"),
+                (dict(scale=False), "divide by the group's std (+ 1e-4) too: subtracting the mean alone is REINFORCE's "
+                 "baseline (scale=False)"),
+                (dict(eps=0.0), "add 1e-4 to the std: (r - mean) / (std + 1e-4); a tiny std must not blow up the "
+                 "advantages"),
+                (dict(eps_in_var=True), "add 1e-4 to the std, not to the variance: (r - mean) / (std + 1e-4)"),
+                (dict(eps=1e-8), "the epsilon is 1e-4 (TRL's value), added to the std")]
+    for rewards, size, what in cases:
+        case = f"group_advantages(rewards, {size}) [{what}]"
+        original = rewards.clone()
+        got = _call_safe(ex, group_advantages, case, rewards, size)
+        if not torch.equal(rewards, original):
+            _fail(ex, f"{case} changed its input rewards", "compute a new tensor; do not write into rewards")
+        expected = reference(rewards, size)
+        got = _tensor_of(ex, got, f"advantages for {case}", expected.shape, torch.float32,
+                         "one float32 advantage per completion: the same shape as rewards")
+        if torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            continue
+        grouped, got_grouped = rewards.view(-1, size), got.view(-1, size)
+        constant = grouped.amax(dim=1) == grouped.amin(dim=1)
+        if not torch.isfinite(got).all():
+            where = "a group whose rewards are all equal" if (~torch.isfinite(got_grouped[constant])).any() else "it"
+            _fail(ex, f"{case}: the advantages hold NaN or inf (at {where})",
+                  "a group whose rewards are all equal has std 0, and 0 / 0 is NaN: add 1e-4 to the std, and "
+                  "give such a group advantage 0")
+        for kw, hint in mistakes:
+            wrong = _advantages_variant(rewards, size, **kw)
+            if not torch.allclose(wrong, expected, rtol=1e-4, atol=1e-5, equal_nan=True) \
+                    and torch.allclose(got, wrong, rtol=1e-4, atol=1e-5):
+                _fail(ex, f"{case}: the advantages are those of another rule", hint)
+        if constant.any() and got_grouped[constant].abs().max() > 0:
+            _fail(ex, f"{case}: a group whose rewards are all equal got advantages up to "
+                      f"{got_grouped[constant].abs().max().item():.3g}, expected exactly 0",
+                  "r - mean is rounding noise there (about 1e-8), and noise / 1e-4 is a random push: set the "
+                  "advantages of a group whose max equals its min to 0 (masked_fill or torch.where)")
+        assert_tensor_close(ex, got, expected, f"advantages for {case}", rtol=1e-4, atol=1e-5, hint=general)
+    _passed(ex, "per-group (r - mean) / (Bessel std + 1e-4), 0 for a constant group "
+                "(one right of four: +1.5, three times -0.5)")
+
+
+def _logp_grad(ex: str, out: torch.Tensor, logp: torch.Tensor, case: str) -> torch.Tensor:
+    """d out.sum() / d logp, or a CheckFailure when ``out`` lost the gradient that the loss needs."""
+    if not out.requires_grad:
+        _fail(ex, f"{case}: the result carries no gradient with respect to logp",
+              "keep the computation in torch on logp itself: no .detach(), .item(), .tolist(), numpy or "
+              "torch.no_grad(); the policy learns through this gradient")
+    try:
+        (grad,) = torch.autograd.grad(out.sum(), logp, allow_unused=True)
+    except Exception as exc:            # a broken graph is a failed check, never a crash of the check
+        _fail(ex, f"{case}: backpropagating through the result raised {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    if grad is None:
+        _fail(ex, f"{case}: the result does not depend on logp", "compute it from logp, the policy's log-probs")
+    return grad
+
+
+def _surrogate_variant(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+                       rule: str = "min", ratio: str = "exp") -> torch.Tensor:
+    """min(rho A, clip(rho, 1 - eps, 1 + eps) A) per token, in float64, or one of the usual mistakes."""
+    lp, old = logp.double(), old_logp.double()
+    rho = {"exp": torch.exp(lp - old), "inverse": torch.exp(old - lp), "log": lp - old, "quotient": lp / old}[ratio]
+    a = advantages.double()[:, None]
+    clipped = rho.clamp(1 - clip_eps, 1 + clip_eps)
+    if rule == "max":
+        return torch.max(rho * a, clipped * a)
+    if rule == "clip_only":
+        return clipped * a
+    if rule == "no_clip":
+        return rho * a
+    if rule == "min_of_ratios":
+        return torch.min(rho, clipped) * a
+    if rule == "clip_product":
+        return (rho * a).clamp(1 - clip_eps, 1 + clip_eps)
+    if rule == "clip_advantage":
+        return torch.min(rho * a, rho * a.clamp(1 - clip_eps, 1 + clip_eps))
+    surrogate = torch.min(rho * a, clipped * a)
+    return -surrogate if rule == "negated" else surrogate
+
+
+def check_clipped_surrogate(clipped_surrogate: Callable) -> None:
+    """Exercise 08.2: per token min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp) (V3 eq. 26)."""
+    ex = "clipped_surrogate"
+    general = ("rho = torch.exp(logp - old_logp); return torch.min(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A) "
+               "with A = advantages[:, None] (one advantage per row, broadcast over its tokens)")
+    rho = torch.tensor([1.5, 0.5, 1.1, 1.0])                        # above, below and inside the clip range
+    hand_logp = rho.log().expand(2, 4).clone()
+    g = torch.Generator().manual_seed(8)
+    rand_old = -torch.rand(4, 7, generator=g) * 4
+    square_old = -torch.rand(3, 3, generator=g) * 3
+    cases = [(hand_logp, torch.zeros(2, 4), torch.tensor([1.0, -1.0]), 0.2,
+              "rho = [1.5, 0.5, 1.1, 1.0] in both rows, A = [+1, -1], eps = 0.2"),
+             (hand_logp, torch.zeros(2, 4), torch.tensor([2.0, -0.5]), 0.2,
+              "rho = [1.5, 0.5, 1.1, 1.0] in both rows, A = [+2, -0.5], eps = 0.2"),
+             (rand_old + 0.4 * torch.randn(4, 7, generator=g), rand_old, torch.randn(4, generator=g), 0.1,
+              "random log-probs (4, 7), random A, eps = 0.1"),
+             (square_old + 0.4 * torch.randn(3, 3, generator=g), square_old, torch.tensor([1.5, -1.0, 0.5]), 0.2,
+              "random log-probs (3, 3): as many tokens as rows, A = [1.5, -1, 0.5], eps = 0.2")]
+    clip_hint = ("clip the ratio rho, not the advantage or the product: rho.clamp(1 - eps, 1 + eps) * A, and take "
+                 "the min with the unclipped rho * A")
+    mistakes = [(dict(rule="negated"), "return the objective min(rho A, clip(rho) A) itself, not its negation: "
+                 "the loss negates it later"),
+                (dict(rule="max"), "take the min of the two terms, not the max: the min is the pessimistic bound "
+                 "that stops the push once rho leaves [1 - eps, 1 + eps] in the direction A favours"),
+                (dict(rule="min_of_ratios"), "take the min of the two products rho * A and clip(rho) * A, not of "
+                 "the ratios before multiplying: for a negative advantage the min picks the other term"),
+                (dict(rule="clip_only"), "take the min with the unclipped term rho * A as well: a token that moved "
+                 "against its advantage must keep its full gradient"),
+                (dict(rule="no_clip"), "the ratio is never clipped; " + clip_hint),
+                (dict(rule="clip_advantage"), clip_hint),
+                (dict(rule="clip_product"), clip_hint),
+                (dict(ratio="inverse"), "rho = pi_theta / pi_old = exp(logp - old_logp), not exp(old_logp - logp)"),
+                (dict(ratio="log"), "logp - old_logp is the log of the ratio: rho = torch.exp(logp - old_logp)"),
+                (dict(ratio="quotient"), "logp and old_logp are log-probabilities: the probability ratio is "
+                 "exp(logp - old_logp), not logp / old_logp")]
+    for logp_values, old_logp, adv, eps, what in cases:
+        case = f"clipped_surrogate(logp, old_logp, advantages, {eps:g}) [{what}]"
+        logp = logp_values.clone().requires_grad_(True)
+        inputs = (logp_values.clone(), old_logp.clone(), adv.clone())
+        got = _call_safe(ex, clipped_surrogate, case, logp, old_logp, adv, eps,
+                         hint="logp and old_logp are (B, T), advantages is (B,), one per row: broadcast it over "
+                              "the row's tokens with advantages[:, None]; run your function on this input in a "
+                              "cell of your own to see where it fails")
+        if not all(torch.equal(x, y) for x, y in zip(inputs, (logp.detach(), old_logp, adv))):
+            _fail(ex, f"{case} changed one of its inputs", "compute new tensors; do not write into the inputs")
+        expected = _surrogate_variant(logp_values, old_logp, adv, eps).float()
+        got_values = _tensor_of(ex, got, f"surrogate for {case}", expected.shape, torch.float32,
+                                "one float32 value per token: the shape of logp, (B, T)")
+        if not torch.allclose(got_values, expected, rtol=1e-5, atol=1e-6):
+            for kw, hint in mistakes:
+                wrong = _surrogate_variant(logp_values, old_logp, adv, eps, **kw).float()
+                if not torch.allclose(wrong, expected, rtol=1e-5, atol=1e-6) \
+                        and torch.allclose(got_values, wrong, rtol=1e-5, atol=1e-6):
+                    _fail(ex, f"{case}: the surrogate is that of another rule", hint)
+            assert_tensor_close(ex, got_values, expected, f"surrogate for {case}", rtol=1e-5, atol=1e-6, hint=general)
+        grad = _logp_grad(ex, got, logp, case)
+        reference_logp = logp_values.double().requires_grad_(True)
+        (want,) = torch.autograd.grad(_surrogate_variant(reference_logp, old_logp, adv, eps).sum(), reference_logp)
+        assert_tensor_close(ex, grad, want.float(), f"d surrogate / d logp for {case}", rtol=1e-4, atol=1e-6,
+                            hint="the clipped term has no gradient where it is taken (rho outside the range); "
+                                 "build it with torch ops on logp (torch.exp, clamp, torch.min), old_logp fixed")
+    _passed(ex, "min(rho A, clip(rho, 1 - eps, 1 + eps) A): rho = 1.5 gives 1.2 with A = +1 (clipped) and -1.5 "
+                "with A = -1 (not clipped), and the gradient follows")
+
+
+def _kl_variant(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """The per-token KL estimate, in float64: k3 = exp(d) - d - 1 with d = ref - logp, or one of the usual mistakes."""
+    d = ref_logp.double() - logp.double()
+    if estimator == "quotient":
+        q = ref_logp.double() / logp.double()
+        return q - q.log() - 1
+    return {"k3": torch.exp(d) - d - 1, "k1": d, "k1_flipped": -d, "reversed": torch.exp(-d) + d - 1,
+            "negated": -(torch.exp(d) - d - 1), "k2": d ** 2 / 2, "no_minus_one": torch.exp(d) - d,
+            "plus_d": torch.exp(d) + d - 1}[estimator]
+
+
+_KL_MISTAKES = [
+    *[(dict(estimator=name), "that is k1, the log-ratio itself (ref_logp - logp, or logp - ref_logp): unbiased "
+       "but negative for about half the tokens; k3 = exp(d) - d - 1 with d = ref_logp - logp is never negative "
+       "(V3 eq. 27)") for name in ("k1", "k1_flipped")],
+    (dict(estimator="reversed"), "d is reversed: d = ref_logp - logp (the reference over the policy, pi_ref / "
+     "pi_theta in V3 eq. 27), not logp - ref_logp"),
+    (dict(estimator="negated"), "the sign is flipped: k3 = exp(d) - d - 1 >= 0 is a penalty, added to the loss "
+     "with + beta"),
+    (dict(estimator="k2"), "that is k2, d ** 2 / 2; V3 uses k3 = exp(d) - d - 1 (eq. 27)"),
+    (dict(estimator="no_minus_one"), "the - 1 is missing: k3 = exp(d) - d - 1, which is 0 where the policies agree"),
+    (dict(estimator="plus_d"), "k3 = exp(d) - d - 1: minus d, not plus d"),
+    (dict(estimator="quotient"), "logp and ref_logp are log-probabilities: the ratio pi_ref / pi_theta is "
+     "exp(ref_logp - logp), not ref_logp / logp"),
+]
+
+
+def check_k3_kl(k3_kl: Callable) -> None:
+    """Exercise 08.3: the per-token k3 estimate exp(d) - d - 1, d = ref_logp - logp (V3 eq. 27)."""
+    from deepseek_mini.grpo.loss import k3_kl as reference
+
+    ex = "k3_kl"
+    general = "d = ref_logp - logp; return torch.exp(d) - d - 1, token by token (the shape of logp)"
+    g = torch.Generator().manual_seed(8)
+    hand_logp = torch.tensor([[-1.0, -2.0, -1.0, -0.5]])
+    hand_d = torch.tensor([[0.0, math.log(2.0), -math.log(2.0), 3.0]])
+    rand_logp = -torch.rand(3, 6, generator=g) * 5
+    cases = [(hand_logp, hand_logp + hand_d, "d = ref_logp - logp = [0, ln 2, -ln 2, 3]: k3 = [0, 1 - ln 2, "
+              "ln 2 - 1/2, e^3 - 4]"),
+             (rand_logp, rand_logp + 0.5 * torch.randn(3, 6, generator=g), "random log-probs (3, 6)"),
+             (rand_logp, rand_logp.clone(), "ref_logp == logp: the policies agree")]
+    for logp_values, ref_logp, what in cases:
+        case = f"k3_kl(logp, ref_logp) [{what}]"
+        logp = logp_values.clone().requires_grad_(True)
+        ref_original = ref_logp.clone()
+        got = _call_safe(ex, k3_kl, case, logp, ref_logp)
+        if not torch.equal(logp.detach(), logp_values) or not torch.equal(ref_logp, ref_original):
+            _fail(ex, f"{case} changed one of its inputs", "compute new tensors; do not write into the inputs")
+        expected = reference(logp_values, ref_logp)
+        got_values = _tensor_of(ex, got, f"k3 for {case}", expected.shape, torch.float32,
+                                "one float32 value per token: the shape of logp")
+        if not torch.allclose(got_values, expected, rtol=1e-5, atol=1e-6):
+            for kw, hint in _KL_MISTAKES:
+                wrong = _kl_variant(logp_values, ref_logp, **kw).float()
+                if not torch.allclose(wrong, expected, rtol=1e-5, atol=1e-6, equal_nan=True) \
+                        and torch.allclose(got_values, wrong, rtol=1e-5, atol=1e-6):
+                    _fail(ex, f"{case}: that is another estimate", hint)
+            if (got_values < -1e-6).any():
+                _fail(ex, f"{case}: k3 is negative at {int((got_values < -1e-6).sum())} tokens, e.g. "
+                          f"{got_values.min().item():.4g}", "k3 = exp(d) - d - 1 >= 0 for every d (e^d >= 1 + d)")
+            same = ref_logp == logp_values
+            if same.any() and got_values[same].abs().max() > 1e-6:
+                _fail(ex, f"{case}: k3 is {got_values[same].abs().max().item():.4g} where ref_logp == logp, expected 0",
+                      "where the two policies agree, d = 0 and exp(0) - 0 - 1 = 0")
+            assert_tensor_close(ex, got_values, expected, f"k3 for {case}", rtol=1e-5, atol=1e-6, hint=general)
+        grad = _logp_grad(ex, got, logp, case)
+        assert_tensor_close(ex, grad, 1 - torch.exp(ref_logp - logp_values), f"d k3 / d logp for {case}",
+                            rtol=1e-4, atol=1e-6, hint="the gradient flows through logp only; d k3 / d logp = "
+                                                       "1 - exp(ref_logp - logp)")
+    _passed(ex, "exp(d) - d - 1 with d = ref_logp - logp: 0 where the policies agree, >= 0 everywhere "
+                "(1 - ln 2 = 0.3069 at d = ln 2, ln 2 - 1/2 = 0.1931 at d = -ln 2)")
+
+
+def _mean_kl_variant(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3",
+                     average: str = "grpo") -> float:
+    """The k3 KL averaged over each row's completion tokens, then over rows, or one of the usual mistakes."""
+    kl = _kl_variant(logp, ref_logp, estimator)
+    m = mask.double()
+    if average == "all":
+        return kl.mean().item()
+    if average == "bnpo":
+        return ((kl * m).sum() / m.sum()).item()
+    if average == "over_T":
+        return ((kl * m).sum(-1) / kl.shape[-1]).mean().item()
+    if average == "row_sum":
+        return (kl * m).sum(-1).mean().item()
+    if average == "total":
+        return (kl * m).sum().item()
+    return ((kl * m).sum(-1) / m.sum(-1)).mean().item()
+
+
+def check_masked_mean_kl(masked_mean_kl: Callable) -> None:
+    """Exercise 08.4: mean k3 over each completion's tokens (mask), then over completions: GRPO's average."""
+    from deepseek_mini.grpo.loss import grpo_loss
+
+    ex = "masked_mean_kl"
+    general = ("k3 = exp(d) - d - 1 with d = ref_logp - logp per token; per row, sum k3 * mask and divide by "
+               "mask.sum(-1) (that row's completion tokens); then the mean over rows")
+    g = torch.Generator().manual_seed(8)
+    hand_logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-1.0, -2.0, -0.5, -1.5]])
+    hand_d = torch.tensor([[math.log(2.0), -2.0, -2.0, -2.0], [-math.log(2.0)] * 4])
+    hand_mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    rand_logp = -torch.rand(5, 8, generator=g) * 5
+    rand_mask = torch.arange(8)[None, :] < torch.tensor([8, 2, 5, 1, 7])[:, None]
+    cases = [(hand_logp, hand_logp + hand_d, hand_mask, "row 0: 1 completion token, k3 = 1 - ln 2, then padding; "
+              "row 1: 4 tokens, each k3 = ln 2 - 1/2; expected ((1 - ln 2) + (ln 2 - 1/2)) / 2 = 0.25"),
+             (rand_logp, rand_logp + 0.5 * torch.randn(5, 8, generator=g), rand_mask,
+              "random log-probs (5, 8), completions of 8, 2, 5, 1, 7 tokens, random values in the padding"),
+             (rand_logp, rand_logp.clone(), rand_mask, "ref_logp == logp: the policies agree, the KL is 0")]
+    mistakes = [(dict(average="all"), "the padding is averaged in: only the completion tokens count (mask == True); "
+                 "multiply k3 by the mask and divide each row's sum by mask.sum(-1)"),
+                (dict(average="bnpo"), "that is one token mean over the whole batch (bnpo): GRPO averages within "
+                 "each completion first, (1/|o_i|) sum_t, then over completions, so every completion weighs the "
+                 "same"),
+                (dict(average="over_T"), "divide each row's sum by its number of completion tokens, mask.sum(-1), "
+                 "not by the padded length T"),
+                (dict(average="row_sum"), "average over each row's completion tokens (divide by mask.sum(-1)), "
+                 "not just sum them"),
+                (dict(average="total"), "average, do not sum: per row divide by mask.sum(-1), then take the mean "
+                 "over rows"),
+                *[(kw, hint) for kw, hint in _KL_MISTAKES]]
+    for logp_values, ref_logp, mask, what in cases:
+        case = f"masked_mean_kl(logp, ref_logp, mask) [{what}]"
+        logp = logp_values.clone().requires_grad_(True)
+        originals = (ref_logp.clone(), mask.clone())
+        got = _call_safe(ex, masked_mean_kl, case, logp, ref_logp, mask)
+        if not (torch.equal(logp.detach(), logp_values) and torch.equal(ref_logp, originals[0])
+                and torch.equal(mask, originals[1])):
+            _fail(ex, f"{case} changed one of its inputs", "compute new tensors; do not write into the inputs")
+        scalar_hint = "return a 0-dim tensor: the mean over rows of each row's mean over its completion tokens"
+        if isinstance(got, torch.Tensor) and got.numel() != 1:
+            _fail(ex, f"{case} returned a tensor of shape {tuple(got.shape)}; expected one number (a 0-dim tensor)",
+                  "one value per row: take the mean over the rows too" if got.shape == mask.shape[:1]
+                  else scalar_hint)
+        if not isinstance(got, torch.Tensor):
+            _number_of(ex, got, case, scalar_hint)    # says what else it is
+            _fail(ex, f"{case} returned a Python {type(got).__name__}; expected a 0-dim tensor",
+                  "keep it a tensor (no .item() or float()): the loss backpropagates through the KL")
+        value = _number_of(ex, got, case, scalar_hint)
+        expected = float(grpo_loss(logp_values, logp_values, ref_logp, torch.zeros(len(mask)), mask, beta=1.0)[0])
+        if math.isclose(value, expected, rel_tol=1e-5, abs_tol=1e-6):
+            _logp_grad(ex, got, logp, case)
+            continue
+        for kw, hint in mistakes:
+            wrong = _mean_kl_variant(logp_values, ref_logp, mask, **kw)
+            if not math.isclose(wrong, expected, rel_tol=1e-5, abs_tol=1e-6) \
+                    and math.isclose(value, wrong, rel_tol=1e-5, abs_tol=1e-6):
+                _fail(ex, f"{case} returned {value:.6g}, expected {expected:.6g}", hint)
+        if value < -1e-6:
+            _fail(ex, f"{case} returned {value:.6g}, a negative KL", "k3 = exp(d) - d - 1 >= 0 for every token")
+        _fail(ex, f"{case} returned {value:.6g}, expected {expected:.6g}", general)
+    _passed(ex, "k3 over each completion's own tokens, then the mean over completions (0.25 on the hand case; "
+                "padding ignored, every completion weighs the same)")
