@@ -46,6 +46,10 @@ Each rule below keeps a run from losing or mixing work:
   sampler and RNG states). The shards load into any layout (another ``--pp`` or ``--ep``, more or
   fewer processes), so a run saved on 4 processes resumes on 2. The folder is written under a
   temporary name and renamed whole, like a file.
+* *A stop is a whole step* (``StopRequest``, ``stopped_run``). The first Ctrl-C lets the step
+  finish, then the loop saves ``checkpoint.pt`` and raises ``TrainingInterrupted`` (the command
+  lines exit with 130); another error saves the last whole step before it propagates; a stop
+  after the optimizer stepped saves nothing, because half a step is neither run.
 * *A checkpoint is data* (``load_checkpoint``). ``torch.load(weights_only=True)`` accepts only
   tensors and plain Python values; a full unpickler calls whatever functions the file names,
   so a crafted ``.pt`` file could run code. That is why configs are saved as dicts.
@@ -59,7 +63,9 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -74,7 +80,7 @@ __all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "SHARDED_SUFFIX", "RUN_STATE_NAME
            "is_sharded", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "Stateful",
            "atomic_write", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "find_checkpoint",
            "peek_checkpoint", "sampler_state", "config_differences", "same_setting", "RunLock", "run_files",
-           "append_metrics", "prepare_folder"]
+           "append_metrics", "prepare_folder", "StopRequest", "TrainingInterrupted", "stopped_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"             # the run's newest state: written at the end and on Ctrl-C
 PERIODIC_NAME = "checkpoint-{step:06d}.pt"    # kept every checkpoint_every steps
@@ -460,6 +466,80 @@ def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, ove
         for path in existing:
             _remove(path)
     return clean
+
+
+# ----------------------------------------------------------------------------- Ctrl-C: stop after a whole step
+
+class StopRequest:
+    """The first Ctrl-C asks training to stop after the current step, so that what is saved is
+    a whole step; a second Ctrl-C interrupts at once. Only the main thread receives signals,
+    so elsewhere this does nothing (Ctrl-C then arrives as a plain KeyboardInterrupt).
+
+    A loop checks ``requested`` after each step and raises ``TrainingInterrupted`` once it has
+    saved; ``deepseek_mini.train`` and the GRPO loop (``deepseek_mini.grpo.run``) both do.
+    """
+
+    def __init__(self, saves: bool) -> None:
+        self.saves, self.requested, self.previous, self.installed = saves, False, None, False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        then = " to save a checkpoint" if self.saves else ""
+        print(f"\nCtrl-C: stopping after this step{then} (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``checkpoint`` (None without an out_dir) holds the state after ``step``."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def stopped_run(exc: BaseException, phase: str, done: int, start_step: int, steps: int, out_dir: Path | None,
+                save: Callable[[str, int], Path]) -> TrainingInterrupted | None:
+    """What a loop does when ``exc`` stops it: save the last whole step, then say what happened.
+
+    ``phase`` is where the step was: ``"between steps"`` or ``"drawing"`` (nothing applied yet; the
+    caller has put the RNG states back), or ``"committing"`` (the optimizer has stepped: the state is
+    half a step, so nothing is saved and the folder's newest checkpoint stays the truth). ``done``
+    steps are whole; ``save(CHECKPOINT_NAME, done)`` writes them when there is something new and an
+    ``out_dir``. Returns the ``TrainingInterrupted`` to raise for a KeyboardInterrupt (Ctrl-C); for
+    any other error returns None after noting on ``exc`` what was saved (the caller re-raises it).
+    """
+    saved = None
+    if phase != "committing" and out_dir is not None and done > start_step:
+        try:
+            saved = save(CHECKPOINT_NAME, done)
+        except Exception as save_error:   # keep the original error; say why nothing was saved
+            print(f"could not save a checkpoint: {save_error}", file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):
+        if saved is not None:
+            message = (f"training interrupted after step {done} of {steps}; saved {str(saved)!r}: "
+                       f"continue with resume={str(out_dir)!r}")
+        elif phase == "committing":
+            message = (f"training interrupted in the middle of step {done + 1}; its state is not "
+                       "whole, so nothing was saved (the folder's newest checkpoint is intact)")
+        else:
+            message = f"training interrupted after step {done} of {steps}; nothing to save"
+            message += " (no out_dir)" if out_dir is None else ""
+        return TrainingInterrupted(message, done, saved)
+    if saved is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"the run's state after step {done} was saved to {str(saved)!r}")
+    return None
 
 
 # ----------------------------------------------------------------------------- resume: what must stay the same

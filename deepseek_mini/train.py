@@ -51,9 +51,6 @@ import dataclasses
 import math
 import os
 import re
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,10 +65,10 @@ from deepseek_mini.config import ModelConfig, load_config
 from deepseek_mini.data import Batcher, TokenStream, eval_batches, make_datasets, unigram_entropy
 from deepseek_mini.hooks import BALANCE_LOSSES, FP8Training, MoEBalancing, MultiTokenPrediction, TrainHook
 from deepseek_mini.model import build_model, check_tokens
-from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, SHARDED_SUFFIX, RunLock, append_metrics, atomic_write,
-                                config_differences, find_checkpoint, load_checkpoint, prepare_folder,
-                                restore_checkpoint, same_setting, sampler_state, save_checkpoint,
-                                save_sharded_checkpoint)
+from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, SHARDED_SUFFIX, RunLock, StopRequest,
+                                TrainingInterrupted, append_metrics, atomic_write, config_differences,
+                                find_checkpoint, load_checkpoint, prepare_folder, restore_checkpoint, same_setting,
+                                sampler_state, save_checkpoint, save_sharded_checkpoint, stopped_run)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "MultiTokenPrediction",
            "FP8Training", "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule",
@@ -280,14 +277,6 @@ class TrainResult:
     hooks: list[TrainHook] = field(default_factory=list)
     layout: str | None = None         # a parallel run's layout ("pp 2 x dp 2, dualpipev, 4 micro-batches"): ``model``
                                       # then holds this rank's stages only
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; ``checkpoint`` (None without an out_dir) holds the state after ``step``."""
-
-    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -517,33 +506,6 @@ def _check_parallel(cfg: TrainConfig, model_config: ModelConfig, state: dict[str
     return True
 
 
-class _StopRequest:
-    """The first Ctrl-C asks training to stop after the current step, so that what is saved is
-    a whole step; a second Ctrl-C interrupts at once. Only the main thread receives signals,
-    so elsewhere this does nothing (Ctrl-C then arrives as a plain KeyboardInterrupt)."""
-
-    def __init__(self, saves: bool) -> None:
-        self.saves, self.requested, self.previous, self.installed = saves, False, None, False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        then = " to save a checkpoint" if self.saves else ""
-        print(f"\nCtrl-C: stopping after this step{then} (press again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
-
-
 _BASE_KEYS = ("step", "train_loss", "lr", "tokens", "val_loss")   # what every step records; hooks add to it
 
 
@@ -606,7 +568,7 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
 
     done = start_step          # steps whose effect is in model, optimizer, hooks, history and metrics
     phase = "between steps"    # "drawing": undoable (only RNG states moved); "committing": not undoable
-    with _StopRequest(saves=out_dir is not None) as stop:
+    with StopRequest(saves=out_dir is not None) as stop:
         try:
             while done < cfg.steps:
                 undo = (batcher.generator.get_state(), torch.get_rng_state())
@@ -665,25 +627,9 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
             if phase == "drawing":   # put the RNG states back: the step is redone on resume
                 batcher.generator.set_state(undo[0])
                 torch.set_rng_state(undo[1])
-            saved = None
-            if phase != "committing" and out_dir is not None and done > start_step:
-                try:
-                    saved = save(CHECKPOINT_NAME, done)
-                except Exception as save_error:   # keep the original error; say why nothing was saved
-                    print(f"could not save a checkpoint: {save_error}", file=sys.stderr)
-            if isinstance(exc, KeyboardInterrupt):
-                if saved is not None:
-                    message = (f"training interrupted after step {done} of {cfg.steps}; saved {str(saved)!r}: "
-                               f"continue with resume={str(out_dir)!r}")
-                elif phase == "committing":
-                    message = (f"training interrupted in the middle of step {done + 1}; its state is not "
-                               "whole, so nothing was saved (the folder's newest checkpoint is intact)")
-                else:
-                    message = f"training interrupted after step {done} of {cfg.steps}; nothing to save"
-                    message += " (no out_dir)" if out_dir is None else ""
-                raise TrainingInterrupted(message, done, saved) from None
-            if saved is not None and hasattr(exc, "add_note"):
-                exc.add_note(f"the run's state after step {done} was saved to {str(saved)!r}")
+            interrupted = stopped_run(exc, phase, done, start_step, cfg.steps, out_dir, save)
+            if interrupted is not None:
+                raise interrupted from None
             raise
     bar.close()
     return TrainResult(model=model, history=history, model_config=model_config, train_config=cfg,

@@ -168,3 +168,147 @@ def test_python_m_deepseek_mini_grpo_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "deepseek_mini.grpo", "--steps", "0"], cwd=root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == "error: steps (0) must be a positive integer"
+
+
+# ----------------------------------------------------------------------------- the run keeps train's guarantees
+
+class Rewards:
+    """Replaces ``grpo.step.batch_rewards``. ``noise``: adds a draw from the global RNG to every reward
+    (as dropout or a noisy reward would), so an unrestored RNG state shows up on resume. On call ``at``
+    (step ``at``), after scoring, it raises ``error``, or sends this process a real SIGINT
+    (``error=None``) and returns the scores, as Ctrl-C would."""
+
+    def __init__(self, at: int = 0, error: BaseException | None = KeyboardInterrupt(), noise: bool = False) -> None:
+        from deepseek_mini.data import batch_rewards
+
+        self.at, self.error, self.noise, self.calls, self.original = at, error, noise, 0, batch_rewards
+
+    def __call__(self, problems, texts, group_size):
+        import signal
+
+        self.calls += 1
+        scores = self.original(problems, texts, group_size)
+        if self.noise:
+            scores["reward"] = scores["reward"] + torch.rand(scores["reward"].shape)
+        if self.calls == self.at:
+            if self.error is None:
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise self.error
+        return scores
+
+
+def _records(folder) -> list[dict]:
+    """metrics.jsonl without the wall-clock field."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "step_time_s"} for line in lines]
+
+
+def _assert_same_run(a, b) -> None:
+    """Bit-identical weights, reference and metrics in two run folders."""
+    first, second = load_checkpoint(a), load_checkpoint(b)
+    assert first["step"] == second["step"]
+    for part in ("model", "reference"):
+        mine = first["model"] if part == "model" else first["hooks"]["reference"]
+        theirs = second["model"] if part == "model" else second["hooks"]["reference"]
+        for key, value in mine.items():
+            assert torch.equal(theirs[key], value), (part, key)
+    assert _records(a) == _records(b)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_equals_uninterrupted(init, tmp_path, monkeypatch):
+    from deepseek_mini.train import TrainingInterrupted
+
+    train_grpo(_cfg(init, steps=4, ref_refresh=3, out_dir=str(tmp_path / "a")))
+    with monkeypatch.context() as patch:
+        patch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(at=2, error=None))   # Ctrl-C in step 2
+        with pytest.raises(TrainingInterrupted, match="after step 2 of 4.*resume=") as stopped:
+            train_grpo(_cfg(init, steps=4, ref_refresh=3, out_dir=str(tmp_path / "b")))
+    assert stopped.value.step == 2 and stopped.value.checkpoint == tmp_path / "b" / "checkpoint.pt"
+    assert load_checkpoint(tmp_path / "b")["step"] == 2 and not (tmp_path / "b" / ".lock").exists()
+    assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2]      # step 2 finished first
+    train_grpo(_cfg(init, steps=4, ref_refresh=3), resume=tmp_path / "b")
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_cli_ctrl_c_exits_130_with_the_resume_command(init, tmp_path, monkeypatch, capsys):
+    args = ["--init", init, "--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3",
+            "--domains", "addition", "--eval", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = tmp_path / "b"
+    with monkeypatch.context() as patch:
+        patch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(at=2, error=None))
+        capsys.readouterr()
+        assert main([*args, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"resume with: python -m deepseek_mini.grpo --resume {out}" in err
+    assert main(["--resume", str(out), "--eval", "0", "--no-progress"]) == 0
+    _assert_same_run(tmp_path / "a", out)
+
+
+def test_an_error_mid_step_saves_the_last_whole_step_with_its_rng_state(init, tmp_path, monkeypatch):
+    # the global RNG is drawn in every step: a resume restores it, and the failed step's draw is undone
+    monkeypatch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(noise=True))
+    train_grpo(_cfg(init, steps=3, out_dir=str(tmp_path / "a")))
+    monkeypatch.setattr("deepseek_mini.grpo.step.batch_rewards",
+                        Rewards(at=3, error=RuntimeError("out of memory"), noise=True))
+    with pytest.raises(RuntimeError, match="out of memory") as failed:
+        train_grpo(_cfg(init, steps=3, out_dir=str(tmp_path / "b")))
+    assert "state after step 2 was saved" in " ".join(getattr(failed.value, "__notes__", ["(python < 3.11)"])) \
+        or not hasattr(failed.value, "add_note")
+    assert load_checkpoint(tmp_path / "b")["step"] == 2 and not (tmp_path / "b" / ".lock").exists()
+    monkeypatch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(noise=True))
+    train_grpo(_cfg(init, steps=3), resume=tmp_path / "b")
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_stop_after_the_optimizer_stepped_saves_nothing(init, tmp_path, monkeypatch):
+    from deepseek_mini.hooks import MoEBalancing
+    from deepseek_mini.train import TrainingInterrupted
+
+    update = MoEBalancing.after_optimizer_step
+
+    def interrupted_in_step_2(self, model, step):   # after optimizer.step(): step 2 is half applied
+        if step == 2:
+            raise KeyboardInterrupt
+        return update(self, model, step)
+    monkeypatch.setattr(MoEBalancing, "after_optimizer_step", interrupted_in_step_2)
+    with pytest.raises(TrainingInterrupted, match="in the middle of step 2") as stopped:
+        train_grpo(_cfg(init, steps=3, checkpoint_every=1, out_dir=str(tmp_path)))
+    assert stopped.value.checkpoint is None and not (tmp_path / "checkpoint.pt").exists()
+    assert load_checkpoint(tmp_path)["step"] == 1                        # checkpoint-000001.pt, intact
+
+
+def test_an_occupied_folder_is_refused_unless_overwrite(init, tmp_path, capsys):
+    train_grpo(_cfg(init, steps=1, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="already holds a run .*overwrite=True"):
+        train_grpo(_cfg(init, steps=1, seed=1, out_dir=str(tmp_path)))
+    assert main(["--init", init, "--out", str(tmp_path), "--eval", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err and f"--resume {tmp_path}" in err
+    train_grpo(_cfg(init, steps=1, seed=1, out_dir=str(tmp_path)), overwrite=True)
+    assert load_checkpoint(tmp_path)["train_config"]["seed"] == 1 and len(_records(tmp_path)) == 1
+
+
+def test_resume_drops_the_metrics_a_killed_run_wrote_after_its_checkpoint(init, tmp_path):
+    train_grpo(_cfg(init, steps=3, out_dir=str(tmp_path / "a")))
+    train_grpo(_cfg(init, steps=2, out_dir=str(tmp_path / "b")))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:     # a hard kill during step 4: one whole record
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n" + '{"step": 4, "rew')   # and a cut-off line
+    train_grpo(_cfg(init, steps=3), resume=tmp_path / "b")
+    assert _records(tmp_path / "b") == _records(tmp_path / "a")
+
+
+def test_the_last_step_keeps_its_periodic_checkpoint_too(init, tmp_path):
+    train_grpo(_cfg(init, steps=2, checkpoint_every=2, out_dir=str(tmp_path)))
+    assert load_checkpoint(tmp_path / "checkpoint-000002.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_cli_a_failure_mid_run_is_one_line_exit_1_after_saving(init, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(at=2, error=RuntimeError("out of memory")))
+    assert main(["--init", init, "--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+                 "3", "--domains", "addition", "--eval", "0", "--no-progress", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory") and "Traceback" not in err
+    assert load_checkpoint(tmp_path)["step"] == 1 and not (tmp_path / ".lock").exists()

@@ -12,7 +12,10 @@ does for supervised training:
   ``checkpoint.pt`` (and ``checkpoint-NNNNNN.pt`` every ``checkpoint_every`` steps), under a run lock;
 * resume: bit-identical to an uninterrupted run, because every step's problems and samples are drawn
   from seeds derived from ``(seed, step)`` and the checkpoint holds the policy, the optimizer, the
-  reference and the records; only ``RESUMABLE`` settings may change;
+  reference, the records and the global RNG state; only ``RESUMABLE`` settings may change;
+* the folder and stop rules of ``deepseek_mini.runs``, as for ``train``: an occupied folder is refused
+  without ``overwrite``, metrics after the resumed checkpoint's step are dropped, files are written
+  whole, and Ctrl-C finishes the step, saves and raises ``TrainingInterrupted`` (exit status 130);
 * ``main``: the command line (``python -m deepseek_mini.grpo --help``).
 """
 
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -39,8 +43,10 @@ from deepseek_mini.grpo.step import ALGORITHMS, evaluate_accuracy, frozen_refere
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import moe_layers
-from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, append_metrics, find_checkpoint,
-                                load_checkpoint, peek_checkpoint, prepare_folder, save_checkpoint)
+from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, StopRequest, TrainingInterrupted,
+                                append_metrics, find_checkpoint, load_checkpoint, peek_checkpoint, prepare_folder,
+                                restore_checkpoint, save_checkpoint, stopped_run)
+from deepseek_mini.train_cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 __all__ = ["EVAL_SEED", "RESUMABLE", "GRPOConfig", "GRPOResult", "load_policy", "train_grpo", "main"]
 
@@ -155,60 +161,110 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
     With ``cfg.out_dir`` the run writes ``metrics.jsonl`` and checkpoints there (locked while it runs;
     a folder holding another run is refused unless ``overwrite``). On resume the checkpoint's
     settings are kept; only ``RESUMABLE`` ones may differ (e.g. more ``steps``).
+
+    Stopping keeps the run whole, as in ``deepseek_mini.train``: Ctrl-C finishes the current step,
+    saves ``checkpoint.pt`` and raises ``TrainingInterrupted`` (a KeyboardInterrupt); any other error
+    saves the last whole step before it propagates; a stop after the step's first optimizer update
+    saves nothing (the folder's newest checkpoint stays intact).
     """
+    return _train_grpo(cfg, resume, overwrite, cli=False)
+
+
+def _train_grpo(cfg: GRPOConfig, resume: str | Path | None, overwrite: bool, cli: bool) -> GRPOResult:
+    """``train_grpo``; ``cli`` words the folder errors for the command line (``--overwrite``)."""
     if not isinstance(cfg, GRPOConfig):
         raise ValueError(f"cfg must be a GRPOConfig, not {type(cfg).__name__}")
     cfg.validate()
-    state = None
+    state, checkpoint = None, None
     if resume is not None:
-        path = find_checkpoint(resume)
-        state = load_checkpoint(path)
-        cfg = _check_resume(state["train_config"], cfg, path)
+        checkpoint = find_checkpoint(resume)
+        state = load_checkpoint(checkpoint)
+        cfg = _check_resume(state["train_config"], cfg, checkpoint)
         if cfg.out_dir is None:
-            cfg.out_dir = str(path.parent)
+            cfg.out_dir = str(checkpoint.parent)
         if cfg.steps <= state["step"]:
             raise ValueError(f"steps ({cfg.steps}) must exceed the checkpoint's step ({state['step']}) to continue")
     elif cfg.init is None:
         raise ValueError("init is None: give the supervised checkpoint the policy starts from (--init PATH)")
-    policy, model_config = load_policy(resume if resume is not None else cfg.init)
+    policy, model_config = load_policy(checkpoint if checkpoint is not None else cfg.init)
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     with RunLock(out_dir) if out_dir is not None else contextlib.nullcontext():
         start = state["step"] if state is not None else 0
-        if out_dir is not None:
-            prepare_folder(out_dir, find_checkpoint(resume) if resume is not None else None, start, overwrite,
-                           cli=False)()
+        clean_folder = prepare_folder(out_dir, checkpoint, start, overwrite, cli) if out_dir is not None else None
+        torch.manual_seed(cfg.seed)   # nothing in a step draws from it now; a resume restores it all the same
         reference = frozen_reference(policy) if cfg.beta > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         balancing = MoEBalancing(cfg.bias_update_speed, balance_loss="none", alpha=0.0)
         history: list[dict[str, Any]] = []
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            restore_checkpoint(state, optimizer=optimizer, rng=True, source=f"checkpoint {str(checkpoint)!r}")
             if reference is not None:
                 reference.load_state_dict(state["hooks"]["reference"])
             history = list(state["history"]["records"])
+        state = None
         for layer in moe_layers(policy):      # count only this run's load
             layer.tokens_per_expert.zero_()
+        if clean_folder is not None:          # only now: a failing start leaves the folder as it was
+            clean_folder()
+        return _loop(cfg, policy, reference, optimizer, balancing, history, start, out_dir, model_config)
 
-        def save(name: str, step: int) -> None:
-            extra = {"reference": reference.state_dict()} if reference is not None else {}
-            save_checkpoint(out_dir / name, policy, optimizer, None, step, model_config, asdict(cfg),
-                            {"records": history}, hooks=extra)
 
-        started = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True,
-                   desc=f"{cfg.algorithm} G={cfg.group_size}")
-        for step in range(start + 1, cfg.steps + 1):
-            record = grpo_step(policy, reference, optimizer, balancing, cfg, step)
-            if reference is not None and cfg.ref_refresh and step % cfg.ref_refresh == 0:
-                reference.load_state_dict(policy.state_dict())   # iterative GRPO (DeepSeekMath §4.2)
-            history.append(record)
-            append_metrics(out_dir, record)
-            last = step == cfg.steps
-            if out_dir is not None and (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                save(CHECKPOINT_NAME if last else PERIODIC_NAME.format(step=step), step)
-            bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
-            bar.update(1)
-        bar.close()
+def _loop(cfg: GRPOConfig, policy: nn.Module, reference: nn.Module | None, optimizer: torch.optim.Optimizer,
+          balancing: MoEBalancing, history: list[dict[str, Any]], start: int, out_dir: Path | None,
+          model_config: ModelConfig) -> GRPOResult:
+    """Steps ``start + 1 .. cfg.steps`` (the caller holds the folder's lock), each kept whole on a stop.
+
+    A step is ``"drawing"`` (sampling, scoring, log-probs: undoable, only the RNG state moved) until
+    the optimizer's first update, then ``"committing"`` (not undoable) until its record and
+    checkpoints are written; ``deepseek_mini.runs.stopped_run`` decides what a stop saves.
+    """
+    def save(name: str, step: int) -> Path:
+        extra = {"reference": reference.state_dict()} if reference is not None else {}
+        return save_checkpoint(out_dir / name, policy, optimizer, None, step, model_config, asdict(cfg),
+                               {"records": history}, hooks=extra)
+
+    def committing(*_: object) -> None:
+        nonlocal phase
+        phase = "committing"
+
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+               desc=f"{cfg.algorithm} G={cfg.group_size}")
+    done, phase = start, "between steps"
+    hook = optimizer.register_step_pre_hook(committing)
+    with StopRequest(saves=out_dir is not None) as stop:
+        try:
+            while done < cfg.steps:
+                undo, phase, step = torch.get_rng_state(), "drawing", done + 1
+                record = grpo_step(policy, reference, optimizer, balancing, cfg, step)
+                phase = "committing"
+                if reference is not None and cfg.ref_refresh and step % cfg.ref_refresh == 0:
+                    reference.load_state_dict(policy.state_dict())   # iterative GRPO (DeepSeekMath §4.2)
+                history.append(record)
+                append_metrics(out_dir, record)
+                if out_dir is not None:
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        save(PERIODIC_NAME.format(step=step), step)
+                    if step == cfg.steps:
+                        save(CHECKPOINT_NAME, step)
+                done, phase = step, "between steps"
+                bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
+                bar.update(1)
+                if stop.requested and done < cfg.steps:
+                    raise KeyboardInterrupt
+        except BaseException as exc:
+            bar.close()
+            if phase == "drawing":            # put the RNG state and MoE load back: the step is redone on resume
+                torch.set_rng_state(undo)
+                for layer in moe_layers(policy):
+                    layer.tokens_per_expert.zero_()
+            interrupted = stopped_run(exc, phase, done, start, cfg.steps, out_dir, save)
+            if interrupted is not None:
+                raise interrupted from None
+            raise
+        finally:
+            hook.remove()
+    bar.close()
     return GRPOResult(policy, history, cfg, time.perf_counter() - started)
 
 
@@ -271,7 +327,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deepseek_mini.grpo``: train, print held-out accuracy before and after; errors in one line."""
+    """``python -m deepseek_mini.grpo``: train, print held-out accuracy before and after.
+
+    Exit status as ``python -m deepseek_mini.train``'s: 0 done, 2 a setting to change, 1 a failure while
+    running, 130 Ctrl-C (after saving the last whole step and printing the command that resumes).
+    Every error is one line on stderr.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(GRPOConfig)}
@@ -288,13 +349,28 @@ def main(argv: list[str] | None = None) -> int:
             before = evaluate_accuracy(load_policy(cfg.init)[0], held_out, cfg.max_new_tokens) if cfg.init else None
             if before:
                 print(f"held-out greedy accuracy before: {json.dumps(before)}")
-        result = train_grpo(cfg, resume=args.resume, overwrite=args.overwrite)
+        result = _train_grpo(cfg, resume=args.resume, overwrite=args.overwrite, cli=True)
+        if held_out:
+            after = evaluate_accuracy(result.model, held_out, result.config.max_new_tokens)
+            print(f"held-out greedy accuracy after:  {json.dumps(after)}")
+    except TrainingInterrupted as exc:
+        where = f"checkpoint: {exc.checkpoint}" if exc.checkpoint is not None else str(exc)
+        print(f"\ninterrupted after step {exc.step}; {where}", file=sys.stderr)
+        if exc.checkpoint is not None:
+            print(f"resume with: python -m deepseek_mini.grpo --resume {shlex.quote(str(exc.checkpoint.parent))}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing more was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if held_out:
-        after = evaluate_accuracy(result.model, held_out, result.config.max_new_tokens)
-        print(f"held-out greedy accuracy after:  {json.dumps(after)}")
+        return EXIT_USAGE
+    except (OSError, RuntimeError) as exc:
+        notes = " ".join(getattr(exc, "__notes__", []))
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: {first}{'; ' + notes if notes else ''}", file=sys.stderr)
+        return EXIT_FAILED
     last = result.history[-1] if result.history else {}
     print(f"{len(result.history)} steps in {result.elapsed_s:.0f} s; last step: "
           + ", ".join(f"{k} {v:.3g}" for k, v in last.items() if k != "step"))
