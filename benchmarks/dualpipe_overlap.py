@@ -123,7 +123,7 @@ def bench(rank: int, world_size: int, args: dict) -> dict:
                 runner.step(x, y, 1)
                 runner.models.zero_grad(set_to_none=True)
             _synchronize(ctx.device)
-            elapsed = torch.tensor([(time.perf_counter() - start) / args["steps"]])
+            elapsed = torch.tensor([(time.perf_counter() - start) / args["steps"]], device=ctx.device)  # NCCL: on the GPU
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)                 # the slowest rank sets the step time
             times[name].append(elapsed.item())
     loss = l0.item() if l0 is not None else float("nan")

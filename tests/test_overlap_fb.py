@@ -8,6 +8,8 @@ and every gradient must agree, and the custom function must have run every pair 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from deepseek_mini.model import build_model
 from deepseek_mini.parallel.distributed import init_distributed
 from deepseek_mini.parallel.launch import run_workers
 from deepseek_mini.parallel.overlap_fb import overlap_forward_backward
-from deepseek_mini.parallel.pipeline import PipelineRunner
+from deepseek_mini.parallel.pipeline import PipelineRunner, check_overlap
 
 
 def _step(ctx, x, y, overlap: bool, pairs: list[int]):
@@ -65,8 +67,17 @@ def test_overlap_equals_the_default_pair():
 
 
 def test_overlap_needs_dualpipev():
+    ctx = SimpleNamespace(ep=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="overlap needs schedule 'dualpipev'"):
-        PipelineRunner(None, None, "1f1b", 2, (2, 16, 0), overlap=True)   # refused before ctx or model is read
+        PipelineRunner(ctx, None, "1f1b", 2, (2, 16, 0), overlap=True)   # refused before the model is read
+
+
+def test_overlap_with_expert_parallelism_is_refused_on_cuda_only():
+    # Two threads' all-to-alls on two NCCL communicators hung a 2-GPU run (pp 1 x ep 2); gloo runs it.
+    with pytest.raises(ValueError, match=r"overlap with expert parallelism \(ep 2\) hangs on NCCL"):
+        check_overlap("dualpipev", 2, "cuda")
+    check_overlap("dualpipev", 2, "cpu")
+    check_overlap("dualpipev", 1, "cuda")
 
 
 def test_benchmark_checks_agreement_and_prints_both_timings(capsys, monkeypatch):

@@ -75,7 +75,7 @@ from deepseek_mini.parallel.expert import AllToAllDispatcher, shard_experts
 from deepseek_mini.parallel.overlap_fb import install_overlap
 
 __all__ = ["SCHEDULES", "stages_per_rank", "stage_placement", "split_layers", "default_microbatches", "AddLoss",
-           "StageModule", "PipelineRunner", "sharded_experts", "clip_grad_norm", "save_sharded", "load_sharded"]
+           "StageModule", "check_overlap", "PipelineRunner", "sharded_experts", "clip_grad_norm", "save_sharded", "load_sharded"]
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipev", "dualpipe")
 
@@ -212,6 +212,22 @@ def sharded_experts(models: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
     return found
 
 
+def check_overlap(schedule: str, ep: int, device_type: str) -> None:
+    """Refuse the layouts where ``overlap=True`` is wrong or hangs, with what to change.
+
+    The overlapped pair exists only in DualPipeV. With expert parallelism on CUDA it is refused:
+    its two threads issue all-to-alls on two NCCL communicators at once, and NCCL kernels of two
+    communicators launched in a different order on two ranks wait for each other forever (a 2-GPU
+    run, pp 1 x ep 2, hung in the backward all-to-all; gloo on a CPU has no such wait). Without
+    expert parallelism (ep 1) the pair overlaps the pipeline sends and runs on NCCL.
+    """
+    if schedule != "dualpipev":
+        raise ValueError(f"overlap needs schedule 'dualpipev' (its OVERLAP_F_B pairs), got {schedule!r}")
+    if ep > 1 and device_type == "cuda":
+        raise ValueError(f"overlap with expert parallelism (ep {ep}) hangs on NCCL: two threads' all-to-alls on "
+                         "two communicators; use ep 1 on GPUs, or gloo on CPUs")
+
+
 class PipelineRunner:
     """This rank's stages of ``model``, their experts split over its expert-parallel group, the
     rest sharded over its data-parallel group, and the schedule.
@@ -231,8 +247,8 @@ class PipelineRunner:
     def __init__(self, ctx: ParallelContext, model: Transformer, schedule: str, n_microbatches: int,
                  batch_shape: tuple[int, int, int], hooks: Sequence[TrainHook] = (), overlap: bool = False) -> None:
         check_schedule(schedule)
-        if overlap and schedule != "dualpipev":
-            raise ValueError(f"overlap needs schedule 'dualpipev' (its OVERLAP_F_B pairs), got {schedule!r}")
+        if overlap:
+            check_overlap(schedule, ctx.ep, ctx.device.type)
         self.ctx, self.schedule_name, self.n_microbatches = ctx, schedule, n_microbatches
         placement = stage_placement(schedule, ctx.pp)
         self.n_stages = ctx.pp * stages_per_rank(schedule)
