@@ -628,10 +628,9 @@ def _deepseek_v3() -> ModelConfig:
     """DeepSeek-V3 671B, every value from config_671B.json / HF config.json (book/facts.md).
 
     The preset documents the real model, so it keeps YaRN (``rope_scaling``, chapter 07) and
-    one MTP module (``num_nextn_predict_layers=1``, chapter 04); ``build_model`` refuses them
-    until those chapters build them. ``count_parameters("deepseek-v3")`` counts the main model
-    (neither adds a parameter to it); to build it on the meta device, pass
-    ``load_config("deepseek-v3", rope_scaling=None, num_nextn_predict_layers=0)``.
+    one MTP module (``num_nextn_predict_layers=1``, chapter 04); ``build_model`` builds both
+    (on the meta device at this size). ``count_parameters("deepseek-v3")`` counts the main model:
+    YaRN adds no parameter, and the MTP module's are counted apart.
     """
     return ModelConfig(
         vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,

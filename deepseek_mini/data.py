@@ -575,7 +575,7 @@ def passkey_correct(logits: Tensor, tokens: Tensor, answer_positions: Tensor) ->
 # as <a>...</a> never occurs in the corpus: the toy would almost never emit it, and RL alone could not teach it.
 
 TASK_DOMAINS = ("arithmetic", "sort", "addition")   # "addition": an easy level for a CPU-sized toy
-ACCURACY_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2   # ours: DeepSeek-R1 does not publish its weights
+ACCURACY_WEIGHT, FORMAT_WEIGHT = 1.0, 0.2   # ours: R1-Zero's reward weights are not published
 END_OF_ANSWER = ("\n", "<|eos|>")          # a newline, or EOS as ``decode(..., skip_special=False)`` writes it
 _ANSWER_SEPARATOR = {"arithmetic": "=", "sort": "-> ", "addition": "="}   # the prompt ends with it, the answer follows
 _WELL_FORMED = re.compile(r"\d+( \d+)*")
@@ -585,7 +585,7 @@ _WELL_FORMED = re.compile(r"\d+( \d+)*")
 class Problem:
     """One verifiable problem: the prompt the model continues and the one answer that scores."""
 
-    domain: str      # "arithmetic" or "sort"
+    domain: str      # "arithmetic", "sort" or "addition"
     prompt: str      # e.g. "37+48=" or "sort: 5 3 9 1 -> "
     answer: str      # e.g. "85"     or "1 3 5 9"
 

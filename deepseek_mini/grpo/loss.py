@@ -22,7 +22,8 @@ values can be checked against it token for token: the std uses Bessel's correcti
 ``STD_EPS = 1e-4``; the loss is the negated objective; ``loss_type`` picks how masked per-token losses
 are averaged (``"grpo"``, ``"bnpo"``, ``"dr_grpo"``; see ``grpo_loss``).
 
-DeepSeek-V3 does not disclose eps, beta or G; the defaults here (eps 0.2, beta 0.04) are DeepSeekMath's.
+DeepSeek-V3 does not disclose eps, beta or G. The defaults here: beta 0.04 is DeepSeekMath's (§4.2);
+eps 0.2 is PPO's (Schulman et al. 2017, §6.1) and TRL's default (DeepSeekMath gives no eps).
 """
 
 from collections.abc import Sequence

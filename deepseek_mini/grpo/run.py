@@ -239,7 +239,7 @@ def _loop(cfg: GRPOConfig, policy: nn.Module, reference: nn.Module | None, optim
                 record = grpo_step(policy, reference, optimizer, balancing, cfg, step)
                 phase = "committing"
                 if reference is not None and cfg.ref_refresh and step % cfg.ref_refresh == 0:
-                    reference.load_state_dict(policy.state_dict())   # iterative GRPO (DeepSeekMath §4.2)
+                    reference.load_state_dict(policy.state_dict())   # iterative GRPO (DeepSeekMath §4.1.4, Algorithm 1)
                 history.append(record)
                 append_metrics(out_dir, record)
                 if out_dir is not None:
