@@ -133,26 +133,32 @@ class ParallelContext:
         return self.rank == 0
 
 
-TESTED_TORCH = (2, 13)      # parallel training is tested with torch 2.13; torch 2.11 fails it (below)
+TESTED_TORCH = (2, 13)       # gloo (CPUs): tested with torch 2.13; torch 2.11 fails it (below)
+TESTED_TORCH_NCCL = (2, 11)  # NCCL (GPUs): torch 2.11 measured on 2 H200s (benchmarks/README.md)
 
 
-def check_torch_version(version: str | None = None) -> None:
-    """Refuse a torch older than the one parallel training is tested with, with a one-line reason.
+def check_torch_version(version: str | None = None, backend: str | None = None) -> None:
+    """Refuse a torch older than the one parallel training is tested with on this backend, in one line.
 
     Multi-process training runs on torch.distributed's newest parts (DeviceMesh flattening,
-    ``ScheduleDualPipeV``, FSDP2), where torch 2.13 passes every test and torch 2.11 (measured with
-    its PyPI build on a CPU) fails twice over: before the first step its V schedules send a warm-up
-    tensor from a stage to the next stage on the same rank, which gloo cannot do ("Pair is not
-    connected"); and with that message skipped, its split backward gives other gradients than one
-    process (ZB1P, pp 2 x dp 2: the MLA up-projection ``wkv_b`` 1% off; DualPipeV: the loss 1.3e-4
-    off by step 3).
+    ``ScheduleDualPipeV``, FSDP2). On gloo (CPUs) torch 2.13 passes every test and torch 2.11
+    (measured with its PyPI build on a CPU) fails twice over: before the first step its V schedules
+    send a warm-up tensor from a stage to the next stage on the same rank, which gloo cannot do
+    ("Pair is not connected"); and with that message skipped, its split backward gives other
+    gradients than one process (ZB1P, pp 2 x dp 2: the MLA up-projection ``wkv_b`` 1% off;
+    DualPipeV: the loss 1.3e-4 off by step 3). On NCCL (GPUs) torch 2.11 runs every schedule:
+    NCCL accepts the self-send, and on two H200s in fp32 each layout's first three losses were
+    within 5e-6 of one GPU's (``benchmarks/nccl_parity.py``). ``backend`` defaults to this
+    machine's (``pick_backend``).
     """
     version = torch.__version__ if version is None else version
+    backend = pick_backend()[0] if backend is None else backend
+    floor = TESTED_TORCH_NCCL if backend == "nccl" else TESTED_TORCH
     major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    if major_minor < TESTED_TORCH:
-        raise ValueError(f"parallel training needs torch >= {'.'.join(map(str, TESTED_TORCH))} (the version it is "
-                         f"tested with; torch 2.11's pipeline schedules give other gradients than one process), "
-                         f"found torch {version}: upgrade torch")
+    if major_minor < floor:
+        raise ValueError(f"parallel training on {backend} needs torch >= {'.'.join(map(str, floor))} (the version "
+                         f"it is tested with; torch 2.11's pipeline schedules on gloo give other gradients than one "
+                         f"process), found torch {version}: upgrade torch")
 
 
 def init_distributed(pp: int = 1, ep: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
