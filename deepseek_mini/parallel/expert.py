@@ -44,6 +44,7 @@ the same update and the replicas stay equal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -52,12 +53,36 @@ from torch import nn
 
 from deepseek_mini.moe import GroupedExperts, moe_layers
 
-__all__ = ['AllToAll', 'ExchangePlan', 'AllToAllDispatcher', 'shard_experts', 'Traffic', 'expert_traffic']
+__all__ = ['issue_now', 'exchange_gate', 'exchange', 'AllToAll', 'ExchangePlan', 'AllToAllDispatcher', 'shard_experts', 'Traffic', 'expert_traffic']
 
 
 # --- notebooks/06_dualpipe.ipynb: 7.2 The dispatcher, written once
+def issue_now(issue: Callable[[], object], group: dist.ProcessGroup | None, kind: str) -> None:
+    """The default ``exchange_gate``: issue the collective at once."""
+    issue()
+
+
+exchange_gate: Callable[[Callable[[], object], dist.ProcessGroup | None, str], None] = issue_now
+"""How ``exchange`` issues its collective: ``exchange_gate(issue, group, kind)`` must call ``issue()``
+once. ``parallel.overlap_fb`` replaces it while an overlapped DualPipeV pair runs (a turnstile that
+makes the pair's two chunks issue their all-to-alls in the same order on every rank)."""
+
+
+def exchange(output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int] | None,
+             input_split_sizes: list[int] | None, group: dist.ProcessGroup | None, kind: str) -> None:
+    """``dist.all_to_all_single(output, input, ...)`` on ``group``, through ``exchange_gate``.
+
+    The one place this module issues a collective: the counts (``kind`` "counts") and the rows
+    ("rows"), forward and backward. Split sizes None: equal splits.
+    """
+    if kind not in ("counts", "rows"):
+        raise ValueError(f"exchange kind must be 'counts' or 'rows', got {kind!r}")
+    exchange_gate(lambda: dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes,
+                                                  group=group), group, kind)
+
+
 class AllToAll(torch.autograd.Function):
-    """``dist.all_to_all_single`` of rows, differentiable: the backward is the reverse all-to-all.
+    """``exchange`` of rows, differentiable: the backward is the reverse all-to-all.
 
     ``recv_splits[s]`` rows arrive from rank s, ``send_splits[d]`` rows go to rank d. Every rank of
     ``group`` must call it (and, in backward, its reverse) in the same order.
@@ -68,13 +93,13 @@ class AllToAll(torch.autograd.Function):
                 group: dist.ProcessGroup | None) -> torch.Tensor:
         ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
         out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        exchange(out, rows.contiguous(), recv_splits, send_splits, group, "rows")
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         grad_rows = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_rows, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        exchange(grad_rows, grad.contiguous(), ctx.send_splits, ctx.recv_splits, ctx.group, "rows")
         return grad_rows, None, None, None
 
 
@@ -137,7 +162,7 @@ class AllToAllDispatcher:
         # 1. counts first: rank s learns how many rows each rank sends to each of its experts.
         sent = torch.tensor(counts, dtype=torch.int64, device=rows.device)        # (P * E_local,)
         received = torch.empty_like(sent)
-        dist.all_to_all_single(received, sent, group=self.group)                   # E_local entries per rank
+        exchange(received, sent, None, None, self.group, "counts")                  # E_local entries per rank
         # On the host: the next all-to-all takes its split sizes as integers (a sync on a GPU).
         received = received.view(self.size, per_rank).tolist()                     # [source][local expert]
         send_splits = [sum(counts[d * per_rank:(d + 1) * per_rank]) for d in range(self.size)]

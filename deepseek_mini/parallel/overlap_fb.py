@@ -18,6 +18,16 @@ share a group: within each group every EP rank issues them in the same order (on
 in order), as a process group requires. Autograd saves the group in each all-to-all's context, so
 a stage's backward exchanges on the group its forward used, whichever thread runs it.
 
+That is enough for gloo, not for NCCL. The order in which the two threads issue their all-to-alls
+*across* the two groups depends on thread timing, so it differs between ranks; NCCL kernels of two
+communicators enqueued in different orders on two GPUs can wait for each other forever (a 2-GPU
+run, pp 1 x ep 2, hung so). Hence the ``CollectiveTurnstile``: while a pair runs it replaces
+``expert.exchange_gate``, the seam through which every all-to-all of the MoE exchange goes (counts
+and rows, forward and backward), and makes the two chunks take turns, one collective each,
+forward first, until one chunk is done; then the other goes on alone. Each chunk's own sequence is
+the same on every rank of its group, so the merged sequence is too. The chunks still overlap:
+a chunk computes (attention, experts, its counts' host sync) while the other holds the turn.
+
 What stays in the calling thread (torch's runtime bookkeeping is not thread safe): waiting for the
 pipeline receives of both chunks, fetching the loss, counting backwards (the last one triggers
 nothing here: FSDP2's gradient reduction is a separate ``REDUCE_GRAD`` action), and handing the
@@ -37,20 +47,106 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.distributed.pipelining.schedules import (FORWARD, FULL_BACKWARD, OVERLAP_F_B, _Action,
                                                     _PipelineContext, _wait_batch_p2p)
 
-__all__ = ["overlap_forward_backward", "install_overlap"]
+from deepseek_mini.moe import moe_layers
+from deepseek_mini.parallel import expert
+from deepseek_mini.parallel.expert import AllToAllDispatcher
+
+__all__ = ["CollectiveTurnstile", "exchange_group", "overlap_forward_backward", "install_overlap"]
+
+_Group = Any        # a torch.distributed.ProcessGroup, or None for WORLD
 
 
-def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
+class CollectiveTurnstile:
+    """Two chunks' collectives in a fixed order: one of ``first``'s, one of ``second``'s, and so on.
+
+    ``first`` and ``second`` are the process groups of the two chunks (for a DualPipeV pair: the
+    forward's EP group, then the backward's); a chunk is known by its group, not by its thread,
+    because autograd may run a backward ``Function`` in its own device thread (on CUDA it does).
+    ``gate(issue, group, kind)`` is an ``expert.exchange_gate``: a collective on a chunk's group
+    waits until it is that chunk's turn, is issued through ``inner`` (the gate it stands in for),
+    and hands the turn to the other chunk. ``finish(group)`` says a chunk has no more collectives;
+    from then on the other issues alone. Each chunk issues the same sequence on every rank of its
+    group, so the merged sequence (``first`` starts, strict alternation until one chunk finishes)
+    is the same on every rank whatever the threads' timing. A collective on any other group is
+    passed to ``inner`` at once.
+    """
+
+    def __init__(self, first: _Group, second: _Group,
+                 inner: Callable[[Callable[[], object], _Group, str], None] = expert.issue_now) -> None:
+        if first is second:
+            raise ValueError("the two chunks of a CollectiveTurnstile need different process groups: "
+                             "with one group their collectives cannot be told apart")
+        self._groups = (first, second)
+        self._inner = inner
+        self._turn = 0                       # the chunk (0: first, 1: second) whose collective goes next
+        self._issuing = False
+        self._finished = [False, False]
+        self._cond = threading.Condition()
+
+    def _chunk(self, group: _Group) -> int | None:
+        for chunk, mine in enumerate(self._groups):
+            if group is mine:
+                return chunk
+        return None
+
+    def gate(self, issue: Callable[[], object], group: _Group, kind: str) -> None:
+        """Issue ``issue`` (a collective of ``kind`` on ``group``) when it is its chunk's turn."""
+        chunk = self._chunk(group)
+        if chunk is None:
+            self._inner(issue, group, kind)
+            return
+        other = 1 - chunk
+        with self._cond:
+            if self._finished[chunk]:
+                raise RuntimeError(f"a {kind} collective arrived for a chunk that was finished: "
+                                   "finish a chunk only after its last collective")
+            self._cond.wait_for(lambda: not self._issuing and (self._turn == chunk or self._finished[other]))
+            self._issuing = True
+        try:
+            self._inner(issue, group, kind)
+        finally:
+            with self._cond:
+                self._issuing = False
+                if not self._finished[other]:
+                    self._turn = other
+                self._cond.notify_all()
+
+    def finish(self, group: _Group) -> None:
+        """The chunk on ``group`` has issued its last collective: the other one goes on alone."""
+        chunk = self._chunk(group)
+        if chunk is None:
+            raise ValueError("finish got a process group that is neither of the turnstile's two")
+        with self._cond:
+            self._finished[chunk] = True
+            self._turn = 1 - chunk
+            self._cond.notify_all()
+
+
+def exchange_group(stage: Any) -> tuple[bool, _Group]:
+    """(whether ``stage``'s module exchanges rows with an all-to-all, the EP group it uses)."""
+    groups = {id(layer.dispatcher.group): layer.dispatcher.group for layer in moe_layers(stage.submod)
+              if isinstance(layer.dispatcher, AllToAllDispatcher)}
+    if len(groups) > 1:
+        raise ValueError(f"stage {stage.stage_index} exchanges on {len(groups)} process groups; "
+                         "shard its experts over one (shard_experts(stage_module, group))")
+    return (True, next(iter(groups.values()))) if groups else (False, None)
+
+
+def overlap_forward_backward(action: _Action, ctx: _PipelineContext, ordered: bool = True) -> None:
     """Run ``action``'s forward and backward sub-actions at the same time: backward in a second thread.
 
     Gives the same results as torch's default (forward, then backward): the two chunks touch
-    different stages, so they share no parameter, activation or gradient.
+    different stages, so they share no parameter, activation or gradient. ``ordered`` (the default)
+    runs the pair's all-to-alls through a ``CollectiveTurnstile`` when both chunks have some, so every
+    rank issues them in the same order (needed on NCCL); ``ordered=False`` leaves their order to the
+    threads' timing (for tests that show the difference).
     """
     schedule = ctx.schedule_ref
     if action.sub_actions is None or [a.computation_type for a in action.sub_actions] != [FORWARD, FULL_BACKWARD]:
@@ -62,6 +158,12 @@ def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
                          "they would share the stage's expert-parallel group")
     f_stage, b_stage = stages[fwd.stage_index], stages[bwd.stage_index]
     f_mb, b_mb = fwd.microbatch_index, bwd.microbatch_index
+    (f_exchanges, f_group), (b_exchanges, b_group) = exchange_group(f_stage), exchange_group(b_stage)
+    if f_exchanges and b_exchanges and f_group is b_group:
+        raise ValueError(f"stages {fwd.stage_index} and {bwd.stage_index} exchange on one expert-parallel group: "
+                         "give the rank's second stage its own (PipelineRunner(overlap=True) does)")
+    turnstile = CollectiveTurnstile(f_group, b_group, expert.exchange_gate) \
+        if ordered and f_exchanges and b_exchanges else None
 
     # Bookkeeping in this thread, exactly as torch's runtime does it for the two actions.
     for stage in (f_stage, b_stage):
@@ -86,14 +188,25 @@ def overlap_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
                 b_stage.backward_one_chunk(b_mb, loss=loss, full_backward=True, last_backward=last_backward)
         except BaseException as error:      # re-raised in the calling thread
             failure.append(error)
+        finally:
+            if turnstile is not None:
+                turnstile.finish(b_group)
 
+    previous_gate = expert.exchange_gate
+    if turnstile is not None:
+        expert.exchange_gate = turnstile.gate
     thread = threading.Thread(target=backward, name=f"backward stage {bwd.stage_index} mb {b_mb}")
-    thread.start()
     try:
-        output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb])  # type: ignore[index]
-        schedule._maybe_compute_loss(f_stage, output, ctx.target_mbs, f_mb)
+        thread.start()
+        try:
+            output = f_stage.forward_one_chunk(f_mb, ctx.arg_mbs[f_mb], ctx.kwarg_mbs[f_mb])  # type: ignore[index]
+            schedule._maybe_compute_loss(f_stage, output, ctx.target_mbs, f_mb)
+        finally:
+            if turnstile is not None:
+                turnstile.finish(f_group)   # before the join: the backward may be waiting for its turn
+            thread.join()
     finally:
-        thread.join()
+        expert.exchange_gate = previous_gate
     if failure:
         raise failure[0]
     if side is not None:
