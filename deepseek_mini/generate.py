@@ -91,9 +91,10 @@ def _prompt_batch(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor
 
 # --- notebooks/01_baseline_transformer.ipynb: 9. From logits to text: sampling
 def _decode(model: nn.Module, tokens: torch.Tensor, lengths: list[int] | None, max_new_tokens: int,
-            pick, stop_token: int | None, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            pick, stops: torch.Tensor | None, logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prefill tokens (B, T), then decode through the KV cache: the new ids (B, n) and, if asked,
-    their log-probabilities. A ragged batch (lengths) runs every row at its own positions."""
+    their log-probabilities. A ragged batch (lengths) runs every row at its own positions; a row
+    is finished once it emits one of ``stops``, and then padded with ``stops[0]``."""
     batch, width = tokens.shape
     cache = model.new_cache(batch, width + max_new_tokens)
     if lengths is None:
@@ -107,14 +108,14 @@ def _decode(model: nn.Module, tokens: torch.Tensor, lengths: list[int] | None, m
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for i in range(max_new_tokens):
         token = pick(logits)
-        if stop_token is not None:
-            token = token.masked_fill(finished, stop_token)
+        if stops is not None:
+            token = token.masked_fill(finished, int(stops[0]))
         if logprobs:       # under the model itself: log-softmax of the raw logits (a finished row's padding: 0)
             logps.append(logits.float().log_softmax(-1).gather(1, token[:, None])[:, 0].masked_fill(finished, 0.0))
-        if stop_token is not None:
-            finished = finished | (token == stop_token)
+        if stops is not None:
+            finished = finished | torch.isin(token, stops)
         out.append(token)
-        if i + 1 == max_new_tokens or (stop_token is not None and finished.all()):
+        if i + 1 == max_new_tokens or (stops is not None and finished.all()):
             break
         if lengths is None:
             logits = model(token[:, None], width + i, cache)[:, -1]
@@ -124,20 +125,34 @@ def _decode(model: nn.Module, tokens: torch.Tensor, lengths: list[int] | None, m
 
 
 # --- notebooks/01_baseline_transformer.ipynb: 9. From logits to text: sampling
+def _stop_ids(stop_token: int | Sequence[int] | None, vocab_size: int, device) -> torch.Tensor | None:
+    """``stop_token`` as a 1-D tensor of token ids (None: no stop), each checked to be in the vocabulary."""
+    if stop_token is None:
+        return None
+    ids = list(stop_token) if isinstance(stop_token, (list, tuple)) else [stop_token]
+    if not ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"stop_token must be a token id in [0, {vocab_size}) or a non-empty sequence of them, "
+                         f"got {stop_token!r}")
+    return torch.tensor(ids, device=device)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor], max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             stop_token: int | None = None, seed: int | None = None, return_logprobs: bool = False):
+             stop_token: int | Sequence[int] | None = None, seed: int | None = None,
+             return_logprobs: bool = False):
     """Continue each prompt by up to max_new_tokens, prefilling once and then decoding one token
-    at a time through the KV cache; generation ends when every row has emitted stop_token.
+    at a time through the KV cache; generation ends when every row has emitted stop_token (one id,
+    or several: an answer may end with a newline or with EOS).
 
-    ``prompt`` (B, T) gives (B, T + n_generated), rows that stopped padded with stop_token. A list
+    ``prompt`` (B, T) gives (B, T + n_generated), rows that stopped padded with (the first) stop_token. A list
     of 1-D prompts of different lengths (a ragged batch) gives a list: each prompt followed by its
-    continuation, up to and including its stop_token. ``return_logprobs`` also returns each
+    continuation, up to and including its first stop token. ``return_logprobs`` also returns each
     generated token's log-probability under the model (before temperature and filtering), shaped
     like the continuations. The model runs in eval mode and gets its own mode back, even on error.
     """
     tokens, lengths = _prompt_batch(model, prompt, max_new_tokens)
+    stops = _stop_ids(stop_token, model.config.vocab_size, tokens.device)
     generator = None if seed is None else torch.Generator(tokens.device).manual_seed(seed)
     pick = partial(sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     new, logps = tokens.new_zeros(tokens.shape[0], 0), torch.zeros(tokens.shape[0], 0, device=tokens.device)
@@ -145,16 +160,16 @@ def generate(model: nn.Module, prompt: torch.Tensor | Sequence[torch.Tensor], ma
     try:
         model.eval()       # no dropout, and MoE layers count no load
         if max_new_tokens > 0:
-            new, logps = _decode(model, tokens, lengths, max_new_tokens, pick, stop_token, return_logprobs)
+            new, logps = _decode(model, tokens, lengths, max_new_tokens, pick, stops, return_logprobs)
     finally:
         model.train(was_training)
     if lengths is None:
         out = torch.cat([tokens, new], dim=1)
         return (out, logps) if return_logprobs else out
     n_new = [new.shape[1]] * len(lengths)
-    if stop_token is not None:          # each row ends at its first stop token
-        stops = new == stop_token
-        n_new = torch.where(stops.any(dim=1), stops.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+    if stops is not None:               # each row ends at its first stop token
+        stopped = torch.isin(new, stops)
+        n_new = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1) + 1, new.shape[1]).tolist()
     seqs = [torch.cat([tokens[b, :length], new[b, :n]]) for b, (length, n) in enumerate(zip(lengths, n_new))]
     return (seqs, [logps[b, :n] for b, n in enumerate(n_new)]) if return_logprobs else seqs
 

@@ -155,6 +155,24 @@ def test_generation_ends_when_every_row_has_stopped():
     assert model.calls == 2                    # prefill + one decode step, then it stopped
 
 
+def test_several_stop_tokens_end_each_row_at_its_first_one():
+    # An answer ends with a newline or with EOS: either finishes the row, padding uses the first id.
+    NL, EOS = 8, 9
+    script = [[3, EOS, 1, 1], [2, NL, 1, 1], [1, 2, 3, 4]]
+    model = Scripted(script)
+    out = generate(model, torch.tensor([[0], [0], [0]]), 4, temperature=0.0, stop_token=(NL, EOS))
+    assert out.tolist() == [[0, 3, EOS, NL, NL], [0, 2, NL, NL, NL], [0, 1, 2, 3, 4]]
+    seqs = generate(_always_says(258), [torch.tensor([1, 2, 3]), torch.tensor([4])], 5, temperature=0.0,
+                    stop_token=[ord("\n"), 258])                       # a ragged batch ends at EOS too
+    assert [s.tolist() for s in seqs] == [[1, 2, 3, 258], [4, 258]]
+
+
+@pytest.mark.parametrize("bad", [-1, 260, (), [8, 260], 2.5, ("a",)])
+def test_bad_stop_token_is_one_line(bad):
+    with pytest.raises(ValueError, match=r"stop_token must be a token id in \[0, 260\)"):
+        generate(Scripted([[1]]), torch.tensor([[0]]), 2, temperature=0.0, stop_token=bad)
+
+
 def _always_says(token: int) -> nn.Module:
     """A real toy model whose head is rigged: zero weights plus a bias on ``token``, so every
     position's argmax is ``token``."""

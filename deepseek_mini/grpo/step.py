@@ -40,19 +40,13 @@ __all__ = ['ALGORITHMS', 'STOP_TOKENS', 'sample_groups', 'evaluate_accuracy', 's
 
 
 # --- notebooks/08_grpo.ipynb: 7. Sampling a group, and one GRPO step
-def _cut_at_stop(tokens: Tensor) -> Tensor:
-    """A completion up to and including its first end-of-answer token ("\\n" or EOS); as is if none."""
-    stops = (tokens[:, None] == torch.tensor(STOP_TOKENS)).any(-1).nonzero()
-    return tokens[: int(stops[0]) + 1] if len(stops) else tokens
-
-
 def _sample(model: nn.Module, problems: Sequence[Problem], group_size: int, max_new_tokens: int,
             temperature: float, seed: int | None) -> tuple[list[Tensor], list[Tensor], list[str]]:
     """``sample_groups`` without its checks; temperature 0 is greedy (held-out evaluation)."""
     tok = ByteTokenizer()
     prompts = [torch.tensor(tok.encode(p.prompt, bos=True)) for p in problems for _ in range(group_size)]
-    seqs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_token=ord("\n"), seed=seed)
-    completions = [_cut_at_stop(s[len(p):]) for s, p in zip(seqs, prompts)]
+    seqs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_token=STOP_TOKENS, seed=seed)
+    completions = [s[len(p):] for s, p in zip(seqs, prompts)]     # each up to and including its first stop
     texts = [tok.decode(c, skip_special=False) for c in completions]
     return prompts, completions, texts
 
@@ -62,8 +56,8 @@ def sample_groups(model: nn.Module, problems: Sequence[Problem], group_size: int
     """G completions per problem in one batched, KV-cached ``generate`` call (eval mode: no MoE load counted).
 
     Returns ``(prompts, completions, texts)``, ``len(problems) * group_size`` each, every problem's G
-    rows contiguous (the layout ``group_advantages`` expects). ``generate`` stops at "\\n" only, so each
-    completion is cut here at its first "\\n" or EOS, before scoring and before its log-probs are taken.
+    rows contiguous (the layout ``group_advantages`` expects). Each completion ends at its first "\\n" or
+    EOS (``STOP_TOKENS``, ``generate``'s stop tokens), before scoring and before its log-probs are taken.
     """
     if not problems or isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"need at least one problem and a positive int group_size (got {len(problems)}, "
