@@ -68,7 +68,7 @@ class GRPOConfig:
     beta: float = 0.04               # KL coefficient (eq. 26); 0 = no reference model at all
     loss_type: str = "grpo"          # "grpo" | "bnpo" | "dr_grpo" (deepseek_mini.grpo.grpo_loss)
     algorithm: str = "grpo"          # "grpo" | "reinforce" (mean baseline, no clip, no KL)
-    lr: float = 1e-3                 # AdamW learning rate, constant
+    lr: float = 3e-4                 # AdamW learning rate, constant (chapter 08: 1e-3 collapsed the groups)
     grad_clip: float = 1.0           # global gradient-norm clip
     max_new_tokens: int = 24         # completion length limit (an unclosed answer scores 0)
     temperature: float = 1.0         # sampling temperature (the log-probs use the same one)
@@ -303,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_mini.grpo",
         description="Reinforcement learning with verifiable rewards (GRPO, DeepSeek-V3 §5.2.2) on a supervised "
                     "toy checkpoint: sample G answers per arithmetic/sort problem, score them by rules, update.",
-        epilog="example: python -m deepseek_mini.grpo --init runs/toy --out runs/grpo --steps 50")
+        epilog="example (chapter 08's run, under a minute on 2 CPU cores: held-out accuracy 25.5% -> 48.5%): python -m deepseek_mini.grpo "
+               "--init notebooks/data/toy_moe_addition_sft.pt --domains addition --steps 600 --out runs/grpo")
     defaults = GRPOConfig()
     for f in fields(GRPOConfig):
         flag = _flag(f)
