@@ -46,10 +46,10 @@ Each rule below keeps a run from losing or mixing work:
   sampler and RNG states). The shards load into any layout (another ``--pp`` or ``--ep``, more or
   fewer processes), so a run saved on 4 processes resumes on 2. The folder is written under a
   temporary name and renamed whole, like a file.
-* *A stop is a whole step* (``StopRequest``, ``stopped_run``). The first Ctrl-C lets the step
-  finish, then the loop saves ``checkpoint.pt`` and raises ``TrainingInterrupted`` (the command
-  lines exit with 130); another error saves the last whole step before it propagates; a stop
-  after the optimizer stepped saves nothing, because half a step is neither run.
+* *A stop is a whole step* (``StopRequest``, ``stopped_run``). The first Ctrl-C or SIGTERM lets the
+  step finish, then the loop saves ``checkpoint.pt`` and raises ``TrainingInterrupted`` (the command
+  lines exit with 128 + the signal: 130, 143); another error saves the last whole step before it
+  propagates; a stop after the optimizer stepped saves nothing, because half a step is neither run.
 * *A checkpoint is data* (``load_checkpoint``). ``torch.load(weights_only=True)`` accepts only
   tensors and plain Python values; a full unpickler calls whatever functions the file names,
   so a crafted ``.pt`` file could run code. That is why configs are saved as dicts.
@@ -470,54 +470,69 @@ def prepare_folder(out_dir: Path, resume_from: Path | None, start_step: int, ove
 
 # ----------------------------------------------------------------------------- Ctrl-C: stop after a whole step
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)   # Ctrl-C, and what kill and a cluster scheduler send first
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 class StopRequest:
-    """The first Ctrl-C asks training to stop after the current step, so that what is saved is
-    a whole step; a second Ctrl-C interrupts at once. Only the main thread receives signals,
-    so elsewhere this does nothing (Ctrl-C then arrives as a plain KeyboardInterrupt).
+    """The first Ctrl-C (or SIGTERM, which a cluster's scheduler sends before it kills a job) asks
+    training to stop after the current step, so that what is saved is a whole step; a second one
+    interrupts at once. Only the main thread receives signals, so elsewhere this does nothing
+    (Ctrl-C then arrives as a plain KeyboardInterrupt).
 
     A loop checks ``requested`` after each step and raises ``TrainingInterrupted`` once it has
     saved; ``deepseek_mini.train`` and the GRPO loop (``deepseek_mini.grpo.run``) both do.
+    ``signum`` is the signal that asked (the command lines exit with 128 + it: 130, 143).
     """
 
     def __init__(self, saves: bool) -> None:
-        self.saves, self.requested, self.previous, self.installed = saves, False, None, False
+        self.saves, self.requested, self.installed = saves, False, False
+        self.signum, self.previous = int(signal.SIGINT), {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, int(signum)
         then = " to save a checkpoint" if self.saves else ""
-        print(f"\nCtrl-C: stopping after this step{then} (press again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\n{_signal_name(signum)}: stopping after this step{then} (send it again to stop at once)",
+              file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
             self.installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.installed:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.SIG_DFL)
+            for signum, previous in self.previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; ``checkpoint`` (None without an out_dir) holds the state after ``step``."""
+    """Ctrl-C or SIGTERM (``signum``) stopped training; ``checkpoint`` (None without an out_dir) holds
+    the state after ``step``."""
 
-    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, message: str, step: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
 
 
 def stopped_run(exc: BaseException, phase: str, done: int, start_step: int, steps: int, out_dir: Path | None,
-                save: Callable[[str, int], Path]) -> TrainingInterrupted | None:
+                save: Callable[[str, int], Path], signum: int = signal.SIGINT) -> TrainingInterrupted | None:
     """What a loop does when ``exc`` stops it: save the last whole step, then say what happened.
 
     ``phase`` is where the step was: ``"between steps"`` or ``"drawing"`` (nothing applied yet; the
     caller has put the RNG states back), or ``"committing"`` (the optimizer has stepped: the state is
     half a step, so nothing is saved and the folder's newest checkpoint stays the truth). ``done``
     steps are whole; ``save(CHECKPOINT_NAME, done)`` writes them when there is something new and an
-    ``out_dir``. Returns the ``TrainingInterrupted`` to raise for a KeyboardInterrupt (Ctrl-C); for
+    ``out_dir``. Returns the ``TrainingInterrupted`` to raise for a KeyboardInterrupt (Ctrl-C or SIGTERM,
+    ``signum``: ``StopRequest.signum``); for
     any other error returns None after noting on ``exc`` what was saved (the caller re-raises it).
     """
     saved = None
@@ -536,7 +551,7 @@ def stopped_run(exc: BaseException, phase: str, done: int, start_step: int, step
         else:
             message = f"training interrupted after step {done} of {steps}; nothing to save"
             message += " (no out_dir)" if out_dir is None else ""
-        return TrainingInterrupted(message, done, saved)
+        return TrainingInterrupted(message, done, saved, signum)
     if saved is not None and hasattr(exc, "add_note"):
         exc.add_note(f"the run's state after step {done} was saved to {str(saved)!r}")
     return None

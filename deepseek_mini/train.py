@@ -627,7 +627,7 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
             if phase == "drawing":   # put the RNG states back: the step is redone on resume
                 batcher.generator.set_state(undo[0])
                 torch.set_rng_state(undo[1])
-            interrupted = stopped_run(exc, phase, done, start_step, cfg.steps, out_dir, save)
+            interrupted = stopped_run(exc, phase, done, start_step, cfg.steps, out_dir, save, stop.signum)
             if interrupted is not None:
                 raise interrupted from None
             raise

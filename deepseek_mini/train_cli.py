@@ -17,7 +17,8 @@ both values and why the setting is fixed.
 
 Exit status: 0 done; 2 something to change (flags, config, folder, device, a sample prompt
 longer than the model's context: all checked before training); 1 a failure while running;
-130 Ctrl-C (128 + SIGINT, the shell's convention), after printing the command that resumes.
+130 Ctrl-C / 143 SIGTERM (128 + the signal, the shell's convention), after saving the last
+whole step and printing the command that resumes.
 Every error is one ``error: ...`` line on stderr, never a traceback.
 """
 
@@ -46,7 +47,7 @@ __all__ = ["main"]
 
 SAMPLE_PROMPTS = ("37+25=", "sort: 9 4 7 1 -> ", "def add_4(x):\n", "the small ")
 SAMPLE_TOKENS = 48
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, the shell's convention
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130   # 130 = 128 + SIGINT, the shell's convention (SIGTERM: 143)
 
 
 _GROUPS = {   # TrainConfig declarations' groups -> titles, in --help order ("model" holds --config only)
@@ -102,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                "\n"
                "A folder that holds a run is never silently replaced: pass --overwrite, --resume it or\n"
                "choose another --out. --resume restores the checkpoint's model and settings; a flag that\n"
-               "would change them (--config, --seed, --lr, ...) is an error. Ctrl-C finishes the step,\n"
-               "saves a checkpoint and prints the command that resumes (exit status 130).",
+               "would change them (--config, --seed, --lr, ...) is an error. Ctrl-C (or SIGTERM) finishes\n"
+               "the step, saves a checkpoint and prints the command that resumes (exit status 130, 143).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     settings = fields(TrainConfig)
     changeable = [_flag(f) for f in settings if f.metadata["group"] == "run" and f.name not in RESUME_FIXED]
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted after step {exc.step}; {where}", file=sys.stderr)
         if exc.checkpoint is not None or _has_checkpoint(plan.out_dir):
             print(f"resume with: python -m deepseek_mini.train --resume {out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"\ninterrupted; nothing more to save in {out}", file=sys.stderr)
         return EXIT_INTERRUPTED

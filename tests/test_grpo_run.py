@@ -4,6 +4,7 @@ the MoE bias update under RL, the REINFORCE baseline, bad settings and the comma
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -178,21 +179,21 @@ class Rewards:
     (step ``at``), after scoring, it raises ``error``, or sends this process a real SIGINT
     (``error=None``) and returns the scores, as Ctrl-C would."""
 
-    def __init__(self, at: int = 0, error: BaseException | None = KeyboardInterrupt(), noise: bool = False) -> None:
+    def __init__(self, at: int = 0, error: BaseException | None = KeyboardInterrupt(), noise: bool = False,
+                 signum: int = signal.SIGINT) -> None:
         from deepseek_mini.data import batch_rewards
 
         self.at, self.error, self.noise, self.calls, self.original = at, error, noise, 0, batch_rewards
+        self.signum = signum
 
     def __call__(self, problems, texts, group_size):
-        import signal
-
         self.calls += 1
         scores = self.original(problems, texts, group_size)
         if self.noise:
             scores["reward"] = scores["reward"] + torch.rand(scores["reward"].shape)
         if self.calls == self.at:
             if self.error is None:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(self.signum)
             else:
                 raise self.error
         return scores
@@ -231,16 +232,19 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_equals_uninterrupted(init, tm
     _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
-def test_cli_ctrl_c_exits_130_with_the_resume_command(init, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_cli_ctrl_c_or_sigterm_exits_128_plus_signal_with_the_resume_command(signum, status, init, tmp_path,
+                                                                             monkeypatch, capsys):
     args = ["--init", init, "--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3",
             "--domains", "addition", "--eval", "0", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     out = tmp_path / "b"
     with monkeypatch.context() as patch:
-        patch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(at=2, error=None))
+        patch.setattr("deepseek_mini.grpo.step.batch_rewards", Rewards(at=2, error=None, signum=signum))
         capsys.readouterr()
-        assert main([*args, "--out", str(out)]) == 130
+        assert main([*args, "--out", str(out)]) == status
     err = capsys.readouterr().err
+    assert ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM") + ": stopping after this step" in err
     assert "Traceback" not in err and f"resume with: python -m deepseek_mini.grpo --resume {out}" in err
     assert main(["--resume", str(out), "--eval", "0", "--no-progress"]) == 0
     _assert_same_run(tmp_path / "a", out)

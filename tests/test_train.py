@@ -316,10 +316,11 @@ class Interrupt:
     (after the draw, so an unrestored sampler state would show up on resume), or sends
     this process a real SIGINT (``error=None``) and returns the batch, as Ctrl-C would."""
 
-    def __init__(self, at: int, error: BaseException | None = KeyboardInterrupt()) -> None:
+    def __init__(self, at: int, error: BaseException | None = KeyboardInterrupt(), signum: int = 2) -> None:
         from deepseek_mini.data import Batcher
 
         self.at, self.error, self.calls, self.original = at, error, 0, Batcher.next_batch
+        self.signum = signum                           # 2 SIGINT (Ctrl-C), 15 SIGTERM
 
     def __get__(self, batcher, owner):                 # bind like a method: batcher.next_batch()
         return lambda: self(batcher)
@@ -331,10 +332,25 @@ class Interrupt:
         batch = self.original(batcher)
         if self.calls == self.at:
             if self.error is None:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(self.signum)
             else:
                 raise self.error
         return batch
+
+
+def test_sigterm_stops_after_the_step_and_saves_like_ctrl_c(data, tmp_path, monkeypatch, capsys):
+    # A cluster scheduler sends SIGTERM before it kills a job: the run saves its last whole step.
+    import signal
+
+    from deepseek_mini.train import TrainingInterrupted
+
+    monkeypatch.setattr("deepseek_mini.data.Batcher.next_batch", Interrupt(at=3, error=None, signum=signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(load_config("toy-dense", **TINY), tiny_run(steps=6, out_dir=str(tmp_path)), data=data)
+    assert stopped.value.step == 3 and stopped.value.signum == signal.SIGTERM
+    assert load_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / ".lock").exists()
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL       # the handler is removed afterwards
 
 
 def test_interrupted_and_resumed_toy_run_equals_uninterrupted(data, two_threads, tmp_path, monkeypatch):

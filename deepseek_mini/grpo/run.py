@@ -15,7 +15,7 @@ does for supervised training:
   reference, the records and the global RNG state; only ``RESUMABLE`` settings may change;
 * the folder and stop rules of ``deepseek_mini.runs``, as for ``train``: an occupied folder is refused
   without ``overwrite``, metrics after the resumed checkpoint's step are dropped, files are written
-  whole, and Ctrl-C finishes the step, saves and raises ``TrainingInterrupted`` (exit status 130);
+  whole, and Ctrl-C (or SIGTERM) finishes the step, saves and raises ``TrainingInterrupted`` (exit status 130, 143);
 * ``main``: the command line (``python -m deepseek_mini.grpo --help``).
 """
 
@@ -162,7 +162,7 @@ def train_grpo(cfg: GRPOConfig, resume: str | Path | None = None, overwrite: boo
     a folder holding another run is refused unless ``overwrite``). On resume the checkpoint's
     settings are kept; only ``RESUMABLE`` ones may differ (e.g. more ``steps``).
 
-    Stopping keeps the run whole, as in ``deepseek_mini.train``: Ctrl-C finishes the current step,
+    Stopping keeps the run whole, as in ``deepseek_mini.train``: Ctrl-C (or SIGTERM) finishes the current step,
     saves ``checkpoint.pt`` and raises ``TrainingInterrupted`` (a KeyboardInterrupt); any other error
     saves the last whole step before it propagates; a stop after the step's first optimizer update
     saves nothing (the folder's newest checkpoint stays intact).
@@ -258,7 +258,7 @@ def _loop(cfg: GRPOConfig, policy: nn.Module, reference: nn.Module | None, optim
                 torch.set_rng_state(undo)
                 for layer in moe_layers(policy):
                     layer.tokens_per_expert.zero_()
-            interrupted = stopped_run(exc, phase, done, start, cfg.steps, out_dir, save)
+            interrupted = stopped_run(exc, phase, done, start, cfg.steps, out_dir, save, stop.signum)
             if interrupted is not None:
                 raise interrupted from None
             raise
@@ -303,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_mini.grpo",
         description="Reinforcement learning with verifiable rewards (GRPO, DeepSeek-V3 §5.2.2) on a supervised "
                     "toy checkpoint: sample G answers per arithmetic/sort problem, score them by rules, update.",
-        epilog="example (chapter 08's run, under a minute on 2 CPU cores: held-out accuracy 25.5% -> 48.5%): python -m deepseek_mini.grpo "
+        epilog="example (chapter 08's run, under a minute on 2 CPU cores: held-out accuracy 25.5% -> 48.5%): "
+               "python -m deepseek_mini.grpo "
                "--init notebooks/data/toy_moe_addition_sft.pt --domains addition --steps 600 --out runs/grpo")
     defaults = GRPOConfig()
     for f in fields(GRPOConfig):
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m deepseek_mini.grpo``: train, print held-out accuracy before and after.
 
     Exit status as ``python -m deepseek_mini.train``'s: 0 done, 2 a setting to change, 1 a failure while
-    running, 130 Ctrl-C (after saving the last whole step and printing the command that resumes).
+    running, 130 Ctrl-C / 143 SIGTERM (after saving the last whole step and printing the command that resumes).
     Every error is one line on stderr.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.checkpoint is not None:
             print(f"resume with: python -m deepseek_mini.grpo --resume {shlex.quote(str(exc.checkpoint.parent))}",
                   file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("\ninterrupted; nothing more was saved", file=sys.stderr)
         return EXIT_INTERRUPTED
