@@ -567,8 +567,9 @@ def passkey_correct(logits: Tensor, tokens: Tensor, answer_positions: Tensor) ->
 # DeepSeek-V3's RL stage scores questions with deterministic answers (maths, code) by rules, not by a learned
 # reward model, which could be gamed (arXiv 2412.19437 §5.2.1, "Rule-Based RM"); DeepSeek-R1 (arXiv 2501.12948
 # §2.2.2) combines an *accuracy* reward with a *format* reward. Here the problems are the corpus's own arithmetic
-# and sort lines cut at their answer, so a toy pretrained on the corpus already solves some of them and GRPO
-# gets groups with mixed rewards (a group whose rewards are all equal carries no signal).
+# and sort lines cut at their answer, plus an easy level ("addition", 1-digit sums). A toy trained for CPU minutes
+# on the full arithmetic solves almost none of them, so every group is silent (a group whose rewards are all equal
+# carries no signal); chapter 08 starts from a toy trained on 1-digit sums, which solves some: mixed groups.
 #
 # The answer marker is the end of the line. In the corpus every answer is the last thing on its line, followed
 # by "\n" (or EOS at the end of a document), so a pretrained toy already closes its answers that way. A tag such

@@ -303,9 +303,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_mini.grpo",
         description="Reinforcement learning with verifiable rewards (GRPO, DeepSeek-V3 §5.2.2) on a supervised "
                     "toy checkpoint: sample G answers per arithmetic/sort problem, score them by rules, update.",
-        epilog="example (chapter 08's run, under a minute on 2 CPU cores: held-out accuracy 25.5% -> 48.5%): "
-               "python -m deepseek_mini.grpo "
-               "--init notebooks/data/toy_moe_addition_sft.pt --domains addition --steps 600 --out runs/grpo")
+        epilog="example, chapter 08's GRPO run of seed 0 (held-out accuracy 25.5% -> 56.0%; 45 s on 2 CPU cores): "
+               "python -m deepseek_mini.grpo --init notebooks/data/toy_moe_addition_sft.pt --domains addition "
+               "--max-new-tokens 6 --steps 600 --out runs/grpo")
     defaults = GRPOConfig()
     for f in fields(GRPOConfig):
         flag = _flag(f)
