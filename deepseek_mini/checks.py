@@ -2019,6 +2019,7 @@ def check_masked_mean_kl(masked_mean_kl: Callable) -> None:
                 (dict(average="total"), "average, do not sum: per row divide by mask.sum(-1), then take the mean "
                  "over rows"),
                 *[(kw, hint) for kw, hint in _KL_MISTAKES]]
+    right_values = []
     for logp_values, ref_logp, mask, what in cases:
         case = f"masked_mean_kl(logp, ref_logp, mask) [{what}]"
         logp = logp_values.clone().requires_grad_(True)
@@ -2039,7 +2040,7 @@ def check_masked_mean_kl(masked_mean_kl: Callable) -> None:
         value = _number_of(ex, got, case, scalar_hint)
         expected = float(grpo_loss(logp_values, logp_values, ref_logp, torch.zeros(len(mask)), mask, beta=1.0)[0])
         if math.isclose(value, expected, rel_tol=1e-5, abs_tol=1e-6):
-            _logp_grad(ex, got, logp, case)
+            right_values.append((got, logp, logp_values, ref_logp, mask, case))   # gradients once all values hold
             continue
         for kw, hint in mistakes:
             wrong = _mean_kl_variant(logp_values, ref_logp, mask, **kw)
@@ -2049,5 +2050,13 @@ def check_masked_mean_kl(masked_mean_kl: Callable) -> None:
         if value < -1e-6:
             _fail(ex, f"{case} returned {value:.6g}, a negative KL", "k3 = exp(d) - d - 1 >= 0 for every token")
         _fail(ex, f"{case} returned {value:.6g}, expected {expected:.6g}", general)
+    for got, logp, logp_values, ref_logp, mask, case in right_values:
+        grad = _logp_grad(ex, got, logp, case)
+        reference_logp = logp_values.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(grpo_loss(reference_logp, logp_values, ref_logp, torch.zeros(len(mask)), mask,
+                                                beta=1.0)[0], reference_logp)
+        assert_tensor_close(ex, grad, want, f"d masked_mean_kl / d logp for {case}", rtol=1e-4, atol=1e-7,
+                            hint="the gradient flows through logp only, per token (1 - exp(ref_logp - logp)) * mask "
+                                 "/ mask.sum(-1) / rows: build the value with torch ops on logp")
     _passed(ex, "k3 over each completion's own tokens, then the mean over completions (0.25 on the hand case; "
                 "padding ignored, every completion weighs the same)")

@@ -252,6 +252,16 @@ def test_mean_kl_mistakes_are_named(mistake, message):
     assert "hint:" in text
 
 
+def test_the_mean_kl_checks_the_gradient_values_not_only_that_one_exists():
+    # Right value, wrong gradient: the KL's value is computed from a detached logp plus a term whose
+    # value is 0 but whose gradient is not (here 0.5 * (logp - logp.detach()) summed over the mask).
+    def wrong_gradient(logp, ref, mask):
+        value = _mean_kl(logp.detach(), ref, mask)
+        return value + 0.5 * ((logp - logp.detach()) * mask).sum()
+    text = _failure(checks.check_masked_mean_kl, wrong_gradient)
+    assert "d masked_mean_kl / d logp" in text and "hint:" in text
+
+
 def test_the_mean_kl_gives_the_hand_case_and_its_value():
     text = _failure(checks.check_masked_mean_kl, lambda logp, ref, mask: _mean_kl(logp, ref, mask, "bnpo"))
     assert "expected ((1 - ln 2) + (ln 2 - 1/2)) / 2 = 0.25" in text and "expected 0.25" in text
