@@ -80,7 +80,7 @@ __all__ = ["CHECKPOINT_NAME", "PERIODIC_NAME", "SHARDED_SUFFIX", "RUN_STATE_NAME
            "is_sharded", "METRICS_NAME", "PLOT_NAME", "LOCK_NAME", "Stateful",
            "atomic_write", "save_checkpoint", "load_checkpoint", "restore_checkpoint", "find_checkpoint",
            "peek_checkpoint", "sampler_state", "config_differences", "same_setting", "RunLock", "run_files",
-           "append_metrics", "prepare_folder", "StopRequest", "TrainingInterrupted", "stopped_run"]
+           "append_metrics", "prepare_folder", "StopRequest", "TrainingInterrupted", "save_after_step", "stopped_run"]
 
 CHECKPOINT_NAME = "checkpoint.pt"             # the run's newest state: written at the end and on Ctrl-C
 PERIODIC_NAME = "checkpoint-{step:06d}.pt"    # kept every checkpoint_every steps
@@ -521,6 +521,15 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, step: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
         super().__init__(message)
         self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
+
+
+def save_after_step(save: Callable[[str, int], Path], step: int, steps: int, checkpoint_every: int) -> None:
+    """After a whole ``step``: ``checkpoint-NNNNNN.pt`` every ``checkpoint_every`` steps (0 = never), and
+    ``checkpoint.pt`` after the last of ``steps``; ``save(name, step)`` writes one (both loops' rule)."""
+    if checkpoint_every and step % checkpoint_every == 0:
+        save(PERIODIC_NAME.format(step=step), step)
+    if step == steps:
+        save(CHECKPOINT_NAME, step)
 
 
 def stopped_run(exc: BaseException, phase: str, done: int, start_step: int, steps: int, out_dir: Path | None,

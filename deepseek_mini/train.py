@@ -68,7 +68,8 @@ from deepseek_mini.model import build_model, check_tokens
 from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, SHARDED_SUFFIX, RunLock, StopRequest,
                                 TrainingInterrupted, append_metrics, atomic_write, config_differences,
                                 find_checkpoint, load_checkpoint, prepare_folder, restore_checkpoint, same_setting,
-                                sampler_state, save_checkpoint, save_sharded_checkpoint, stopped_run)
+                                sampler_state, save_after_step, save_checkpoint, save_sharded_checkpoint,
+                                stopped_run)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "TrainHook", "MoEBalancing", "MultiTokenPrediction",
            "FP8Training", "RESUME_FIXED", "train", "default_hooks", "evaluate", "evaluate_by_domain", "lr_schedule",
@@ -614,10 +615,7 @@ def _run(plan: _Plan, data: tuple[TokenStream, TokenStream] | None) -> TrainResu
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}", **shown)
                 append_metrics(out_dir, record)
                 if out_dir is not None:
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                        save(PERIODIC_NAME.format(step=step), step)
-                    if step == cfg.steps:
-                        save(CHECKPOINT_NAME, step)
+                    save_after_step(save, step, cfg.steps, cfg.checkpoint_every)
                 done, phase = step, "between steps"
                 bar.update(1)
                 if stop.requested and done < cfg.steps:

@@ -43,9 +43,9 @@ from deepseek_mini.grpo.step import ALGORITHMS, evaluate_accuracy, frozen_refere
 from deepseek_mini.hooks import MoEBalancing
 from deepseek_mini.model import build_model
 from deepseek_mini.moe import moe_layers
-from deepseek_mini.runs import (CHECKPOINT_NAME, PERIODIC_NAME, RunLock, StopRequest, TrainingInterrupted,
-                                append_metrics, find_checkpoint, load_checkpoint, peek_checkpoint, prepare_folder,
-                                restore_checkpoint, save_checkpoint, stopped_run)
+from deepseek_mini.runs import (RunLock, StopRequest, TrainingInterrupted, append_metrics, find_checkpoint,
+                                load_checkpoint, peek_checkpoint, prepare_folder, restore_checkpoint, save_after_step,
+                                save_checkpoint, stopped_run)
 from deepseek_mini.train_cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 __all__ = ["EVAL_SEED", "RESUMABLE", "GRPOConfig", "GRPOResult", "load_policy", "train_grpo", "main"]
@@ -243,10 +243,7 @@ def _loop(cfg: GRPOConfig, policy: nn.Module, reference: nn.Module | None, optim
                 history.append(record)
                 append_metrics(out_dir, record)
                 if out_dir is not None:
-                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                        save(PERIODIC_NAME.format(step=step), step)
-                    if step == cfg.steps:
-                        save(CHECKPOINT_NAME, step)
+                    save_after_step(save, step, cfg.steps, cfg.checkpoint_every)
                 done, phase = step, "between steps"
                 bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.3f}")
                 bar.update(1)
